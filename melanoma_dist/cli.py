@@ -1,0 +1,142 @@
+"""`melanoma-dist`: the command line.
+
+    melanoma-dist ingest --config configs/quick-cpu.yaml           # images -> Parquet shards + folds
+    melanoma-dist folds  --config configs/quick-cpu.yaml --set folds.k=10
+    melanoma-dist train  --config configs/quick-cpu.yaml --fold 0  # one fold (ingests first if needed)
+    melanoma-dist cv     --config configs/quick-cpu.yaml           # all folds, Horovod groups placed by Ray
+    melanoma-dist cv     --config ... --address ray://head:10001  # on an existing cluster (or RAY_ADDRESS)
+    horovodrun -np 2 --gloo melanoma-dist train --config ... --fold 0   # the same fold on 2 workers
+
+Every command takes `--config FILE` and any number of `--set section.key=value`
+overrides; `melanoma-dist config --config FILE` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+# TensorFlow's C++ start-up chatter hides our progress lines; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from melanoma_dist.config import Config, ConfigError, load_config  # noqa: E402
+
+logger = logging.getLogger("melanoma_dist")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.data.folds import make_folds
+    from melanoma_dist.data.ingest import ingest
+
+    manifest = ingest(cfg.data)
+    print(f"ingested {manifest['num_images']} images into {manifest['num_shards']} shard(s) in "
+          f"{cfg.data.dataset_dir}; skipped {manifest['num_skipped']} (reasons in manifest.json)")
+    summary = make_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed)
+    _print_folds(summary)
+    return 0
+
+
+def _print_folds(summary: dict) -> None:
+    for f in summary["folds"]:
+        counts = ", ".join(f"{k} {v}" for k, v in f["counts"].items())
+        print(f"fold {f['fold']}: {f['num_images']} images, {f['num_groups']} lesions ({counts})")
+    leak = summary["leakage"]
+    print("leakage check: " + ("clean (no lesion or identical image in two folds)" if leak["clean"] else
+                               f"LEAK: {json.dumps(leak)}"))
+
+
+def cmd_folds(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.data.folds import make_folds
+    from melanoma_dist.data.prepare import ensure_dataset
+
+    ensure_dataset(cfg)
+    _print_folds(make_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed))
+    return 0
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.data.prepare import prepare
+    from melanoma_dist.train.fold import train_fold
+
+    # Under horovodrun (which sets HOROVOD_RANK) every rank runs this command: the
+    # dataset and folds must already exist, since only one process may write them.
+    if "HOROVOD_RANK" not in os.environ:
+        prepare(cfg)
+    metrics = train_fold(cfg, args.fold)
+    if metrics is not None:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_cv(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.report.aggregate import format_table
+    from melanoma_dist.schedule.folds import FoldFailed, run_cv
+
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    try:
+        summary = run_cv(cfg, folds=folds, address=args.address or "")
+    except FoldFailed as e:
+        print(f"melanoma-dist cv: {e}", file=sys.stderr)
+        return 1
+    out = Path(cfg.output_dir).resolve()
+    print(format_table(out, summary))
+    print(f"cross-validation finished in {summary['wall_time_s']:.0f}s; results in {out} "
+          f"(cv_folds.csv, cv_summary.json, oof_predictions.csv, run_manifest.json)")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
+    "config": (cmd_config, "print the resolved configuration"),
+    "ingest": (cmd_ingest, "read image collections into Parquet shards, then make the folds"),
+    "folds": (cmd_folds, "(re)make the cross-validation folds and check them for leakage"),
+    "train": (cmd_train, "train and score one fold (ingests and makes folds first if needed)"),
+    "cv": (cmd_cv, "cross-validate: every fold a Horovod group, scheduled on a Ray cluster"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melanoma-dist", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", type=Path, help="YAML config (see configs/); defaults built in")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+        p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name == "train":
+            p.add_argument("--fold", type=int, required=True, help="fold to validate on (trains on the others)")
+        if name == "cv":
+            p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+            p.add_argument("--folds", help="comma-separated folds to run (default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return COMMANDS[args.command][0](cfg, args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"melanoma-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""One typed configuration for every melanoma-dist command.
+
+The config is a tree of frozen dataclasses (`Config` at the root). It is loaded
+from YAML, then `--set section.key=value` overrides are applied, then it is
+validated once. Unknown keys and bad choices fail at load, naming the key and
+the valid options.
+
+Example:
+
+```python
+cfg = load_config("configs/quick-cpu.yaml", ["train.epochs=3", "data.image_size=64"])
+cfg.train.epochs  # 3
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LabelScheme = Literal["ham7", "melanoma", "malignant"]
+LabelType = Literal["dx", "melanoma", "malignant"]
+SourceKind = Literal["folder", "ham10000", "csv"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One labelled image collection to ingest."""
+
+    kind: SourceKind
+    """Layout: `folder` (root/<class>/*.jpg), `ham10000` (metadata CSV + images/),
+    or `csv` (a table with an id or path column and a label column)."""
+    path: str
+    """Folder root, HAM10000 root, or the CSV file."""
+    name: str = ""
+    """Source name stored in the `source` column. Defaults to the folder or file stem."""
+    label_type: LabelType = "dx"
+    """What the labels are: `dx` diagnosis codes (nv, mel, bkl, bcc, akiec, vasc, df
+    and aliases such as `melanoma`, `nevus`), or binary labels of the `melanoma`
+    or `malignant` scheme (0/1, or that scheme's class names)."""
+    label_column: str = "label"
+    """CSV only: the column holding the label."""
+    id_column: str = "image_id"
+    """CSV only: the column holding the image id (used to find `<id>.jpg`)."""
+    path_column: str = ""
+    """CSV only: a column holding image paths (relative to the CSV's folder); wins over id_column."""
+    group_column: str = ""
+    """CSV only: a column grouping images of one lesion; empty means each image is its own group."""
+    split_column: str = "split"
+    """CSV only: the column that `splits` filters on."""
+    splits: tuple[str, ...] = ()
+    """CSV only: keep rows whose split is one of these (empty keeps all)."""
+    image_dir: str = ""
+    """CSV only: folder of the images, relative to the CSV's folder; may contain `{split}`.
+    Empty searches `<csv dir>/<split>/`, `<csv dir>/images/` and `<csv dir>/`."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.sources[].path is empty: give the folder or CSV to ingest")
+        if self.splits and self.kind != "csv":
+            raise ConfigError(f"data.sources[].splits is only for kind 'csv', got kind {self.kind!r}")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path).stem or Path(self.path).name
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Ingest: which images, how they are stored."""
+
+    sources: tuple[SourceConfig, ...] = ()
+    """Collections to ingest into one dataset (rows get a `source` column)."""
+    dataset_dir: str = "runs/dataset"
+    """Where the Parquet shards, manifest and folds are written and read."""
+    label_scheme: LabelScheme = "melanoma"
+    """`ham7` (7 HAM10000 diagnoses), `melanoma` (melanoma vs rest), `malignant`
+    (mel, bcc, akiec vs benign)."""
+    image_size: int = 128
+    """Images are stored square, this many pixels a side."""
+    resize: Literal["crop", "pad"] = "crop"
+    """Keep the aspect ratio by a center crop to a square (default; the lesion is
+    centred in dermoscopy) or by padding with black."""
+    encoding: Literal["jpeg", "png"] = "jpeg"
+    """How resized images are encoded in the shards."""
+    jpeg_quality: int = 95
+    """JPEG quality when encoding is `jpeg`."""
+    rows_per_shard: int = 2048
+    """Images per Parquet shard."""
+    ingest_workers: int = 0
+    """Processes decoding images during ingest; 0 uses every CPU."""
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 1024, f"data.image_size must be in [16, 1024], got {self.image_size}")
+        _check(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        _check(self.rows_per_shard >= 1, f"data.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _check(self.ingest_workers >= 0, f"data.ingest_workers must be >= 0, got {self.ingest_workers}")
+
+
+@dataclass(frozen=True)
+class FoldsConfig:
+    """Cross-validation split."""
+
+    k: int = 5
+    """Number of folds (stratified by label, grouped by lesion)."""
+    seed: int = 42
+    """Seed of the fold assignment."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 2, f"folds.k must be >= 2, got {self.k}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (Keras preprocessing layers); never applied to validation."""
+
+    rotation: float = 0.1
+    """RandomRotation factor, a fraction of a full turn (0 disables)."""
+    zoom: float = 0.1
+    """RandomZoom height/width factor (0 disables)."""
+    horizontal_flip: bool = True
+    """RandomFlip horizontal."""
+    vertical_flip: bool = False
+    """RandomFlip vertical as well."""
+    contrast: float = 0.0
+    """RandomContrast factor (0 disables)."""
+
+    def __post_init__(self) -> None:
+        for name in ("rotation", "zoom", "contrast"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"pipeline.augment.{name} must be in [0, 1), got {v}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The tf.data input pipeline."""
+
+    batch_size: int = 32
+    """Batch size per worker."""
+    shuffle_buffer: int = 2048
+    """Elements in the tf.data shuffle buffer (training only)."""
+    parallel_calls: int = -1
+    """Parallel decode calls; -1 lets tf.data choose (AUTOTUNE)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"pipeline.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.shuffle_buffer >= 1, f"pipeline.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        _check(self.parallel_calls == -1 or self.parallel_calls >= 1,
+               f"pipeline.parallel_calls must be -1 (AUTOTUNE) or >= 1, got {self.parallel_calls}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Keras CNN."""
+
+    filters: tuple[int, ...] = (32, 64, 128, 256)
+    """Filters of each conv block (Conv-BN-ReLU x convs_per_block, then max-pool)."""
+    convs_per_block: int = 2
+    """Convolutions in each block."""
+    dense_units: int = 128
+    """Units of the hidden dense layer of the head (0 for none)."""
+    dropout: float = 0.3
+    """Dropout before the hidden dense layer and before the output."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.filters) >= 1 and all(f >= 1 for f in self.filters),
+               f"model.filters must be a non-empty list of positive ints, got {list(self.filters)}")
+        _check(self.convs_per_block >= 1, f"model.convs_per_block must be >= 1, got {self.convs_per_block}")
+        _check(self.dense_units >= 0, f"model.dense_units must be >= 0, got {self.dense_units}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training of one fold."""
+
+    epochs: int = 30
+    """Maximum epochs (early stopping may end sooner)."""
+    learning_rate: float = 1e-3
+    """Base learning rate of Adam for one worker (scaled by the number of workers)."""
+    warmup_epochs: int = 1
+    """Epochs of linear warm-up to the scaled learning rate (distributed runs)."""
+    class_weight: Literal["balanced", "none"] = "balanced"
+    """Weight classes inversely to their frequency in the training folds."""
+    early_stopping_patience: int = 5
+    """Epochs without val_loss improvement before stopping (best weights restored)."""
+    reduce_lr_patience: int = 2
+    """Epochs without val_loss improvement before the learning rate is reduced."""
+    reduce_lr_factor: float = 0.5
+    """Factor applied by ReduceLROnPlateau."""
+    mixed_precision: bool = False
+    """Train in mixed_float16 (GPU only; ignored with a warning on CPU)."""
+    seed: int = 1234
+    """Seed for weights, shuffling and augmentation."""
+    verbose: int = 2
+    """Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.early_stopping_patience >= 1,
+               f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        _check(0 < self.reduce_lr_factor < 1, f"train.reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor}")
+        _check(self.verbose in (0, 1, 2), f"train.verbose must be 0, 1 or 2, got {self.verbose}")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How each fold is trained data-parallel and how folds are placed by Ray."""
+
+    workers_per_fold: int = 1
+    """Horovod workers (processes) per fold; one per GPU on GPU hosts."""
+    cpus_per_worker: int = 1
+    """CPUs reserved by Ray for each worker."""
+    gpus_per_worker: int = 0
+    """GPUs reserved by Ray for each worker (0 on CPU clusters; NCCL is used when > 0)."""
+    max_retries: int = 2
+    """Times a failed fold is retried (resuming from its last saved epoch)."""
+    address: str = ""
+    """Ray cluster address; empty uses RAY_ADDRESS or starts a local Ray."""
+
+    def __post_init__(self) -> None:
+        _check(self.workers_per_fold >= 1, f"distributed.workers_per_fold must be >= 1, got {self.workers_per_fold}")
+        _check(self.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        _check(self.max_retries >= 0, f"distributed.max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole job: data, folds, pipeline, model, training, distribution."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output_dir: str = "runs/train"
+    """Where fold results (models, histories, predictions, metrics) are written."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples), suitable for YAML/JSON."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or 'config'} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if item_tp is str and isinstance(value, str):  # "a,b" or "a" for a list of strings
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported")  # pragma: no cover
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {names}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _build(hints[name], raw[name], f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a raw config dict, in place.
+
+    The value is parsed as YAML (`3`, `true`, `[32, 64]`, `ham7`). List items are
+    addressed by index: `data.sources.0.path=/data/ham`.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    key, text = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(node, part, parts[: i + 1])]
+        elif parts[i + 1].isdigit() and part not in node:
+            raise ConfigError(f"override {key}: index {parts[i + 1]!r} out of range ({part} has no items)")
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {'.'.join(path)}: index {part!r} out of range ({len(node)} items)")
+    return int(part)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a Config from a raw dict plus `key=value` overrides."""
+    raw = json.loads(json.dumps(raw or {}))  # deep copy, tuples to lists
+    for ov in overrides:
+        apply_override(raw, ov)
+    return _from_dict(Config, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when `path` is None) and apply overrides.
+
+    Args:
+        path: YAML file. Defaults to `None` (built-in defaults).
+        overrides: `section.key=value` strings applied after the file.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,181 @@
+"""Cross-validation folds: stratified by label, grouped by lesion, leak-checked.
+
+All images of one lesion (`group`) land in one fold, and so do exact duplicates
+(same `pixel_sha256`) even when their lesion ids differ: otherwise a duplicate
+on both sides of a split inflates the validation score. Folds are stored beside
+the shards as `folds/k{K}-seed{S}.parquet` (image_id, fold), with a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.model_selection import StratifiedGroupKFold
+
+from melanoma_dist.data import shards
+
+logger = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["image_id", "label", "group", "pixel_sha256"]
+
+
+def merge_duplicate_groups(groups: Sequence[str], pixel_hashes: Sequence[str]) -> np.ndarray:
+    """Return one group key per row, where groups sharing a pixel hash are merged.
+
+    Args:
+        groups: Lesion (or image) id of each row.
+        pixel_hashes: SHA-256 of each row's decoded pixels.
+
+    Returns:
+        An int array: rows with the same value must stay on one side of any split.
+    """
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    first_group_of_hash: dict[str, str] = {}
+    for g, h in zip(groups, pixel_hashes):
+        find(g)
+        if h in first_group_of_hash:
+            ra, rb = find(first_group_of_hash[h]), find(g)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)  # deterministic root
+        else:
+            first_group_of_hash[h] = g
+    roots = [find(g) for g in groups]
+    _, keys = np.unique(np.asarray(roots, dtype=object).astype(str), return_inverse=True)
+    return keys
+
+
+def assign_folds(labels: Sequence[int], groups: Sequence[str], pixel_hashes: Sequence[str],
+                 k: int, seed: int) -> np.ndarray:
+    """Assign each row a fold in [0, k) with StratifiedGroupKFold.
+
+    Args:
+        labels: Class index of each row (stratification target).
+        groups: Lesion id of each row.
+        pixel_hashes: Pixel SHA-256 of each row; exact duplicates are kept together.
+        k: Number of folds.
+        seed: Shuffling seed; the same inputs and seed give the same folds.
+
+    Raises:
+        ValueError: fewer groups than folds.
+    """
+    keys = merge_duplicate_groups(groups, pixel_hashes)
+    n_groups = len(np.unique(keys))
+    if n_groups < k:
+        raise ValueError(f"cannot make {k} folds from {n_groups} lesion groups: lower folds.k "
+                         f"or ingest more images")
+    y = np.asarray(labels)
+    folds = np.full(len(y), -1, dtype=np.int32)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(y)), y, keys)):
+        folds[val_idx] = fold
+    assert (folds >= 0).all()
+    return folds
+
+
+@dataclass
+class LeakageReport:
+    """Groups or pixel hashes found in more than one fold (both lists empty when clean)."""
+
+    groups_across_folds: list[str] = field(default_factory=list)
+    hashes_across_folds: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.groups_across_folds and not self.hashes_across_folds
+
+    def to_dict(self) -> dict:
+        return {"clean": self.clean,
+                "groups_across_folds": self.groups_across_folds,
+                "pixel_hashes_across_folds": self.hashes_across_folds}
+
+
+def check_leakage(folds: Sequence[int], groups: Sequence[str], pixel_hashes: Sequence[str]) -> LeakageReport:
+    """Report any lesion group or pixel hash present in more than one fold."""
+    report = LeakageReport()
+    for values, out in ((groups, report.groups_across_folds), (pixel_hashes, report.hashes_across_folds)):
+        seen: dict[str, set[int]] = defaultdict(set)
+        for v, f in zip(values, folds):
+            seen[v].add(int(f))
+        out.extend(sorted(v for v, fs in seen.items() if len(fs) > 1))
+    return report
+
+
+def folds_path(dataset_dir: str | Path, k: int, seed: int) -> Path:
+    """Where the fold assignment for (k, seed) is stored."""
+    return Path(dataset_dir) / "folds" / f"k{k}-seed{seed}.parquet"
+
+
+def make_folds(dataset_dir: str | Path, k: int, seed: int) -> dict:
+    """Compute, check and store folds for a dataset; return the JSON summary.
+
+    Writes `folds/k{k}-seed{seed}.parquet` and `.json` (counts per fold and class,
+    leakage report). Raises ValueError if the leakage check fails, which would be a bug.
+    """
+    index = shards.read_columns(dataset_dir, INDEX_COLUMNS)
+    labels = index["label"].to_numpy()
+    groups = index["group"].to_pylist()
+    hashes = index["pixel_sha256"].to_pylist()
+    folds = assign_folds(labels, groups, hashes, k, seed)
+    leakage = check_leakage(folds, groups, hashes)
+    if not leakage.clean:  # cannot happen with merged groups; guard the invariant anyway
+        raise ValueError(f"fold assignment leaks across folds: {leakage.to_dict()}")
+    class_names = shards.load_manifest(dataset_dir)["class_names"]
+    per_fold = []
+    for f in range(k):
+        m = folds == f
+        per_fold.append({
+            "fold": f, "num_images": int(m.sum()), "num_groups": len(set(np.asarray(groups, dtype=object)[m])),
+            "counts": {name: int((labels[m] == i).sum()) for i, name in enumerate(class_names)}})
+    summary = {"k": k, "seed": seed, "num_images": len(folds), "folds": per_fold, "leakage": leakage.to_dict()}
+
+    out = folds_path(dataset_dir, k, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"image_id": index["image_id"], "fold": pa.array(folds, pa.int32())})
+    tmp = out.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %s: %s", out, ", ".join(f"fold {p['fold']}: {p['num_images']}" for p in per_fold))
+    return summary
+
+
+def load_folds(dataset_dir: str | Path, k: int, seed: int) -> np.ndarray:
+    """Fold of each dataset row, in shard order.
+
+    Raises:
+        FileNotFoundError: the folds were not made; the message gives the command.
+        ValueError: the folds file does not match the shards (re-ingested since).
+    """
+    path = folds_path(dataset_dir, k, seed)
+    if not path.is_file():
+        raise FileNotFoundError(f"no folds for k={k}, seed={seed} in {dataset_dir}: run "
+                                f"`melanoma-dist folds --config ...` (or ingest) with folds.k={k} folds.seed={seed}")
+    table = pq.read_table(path)
+    ids = shards.read_columns(dataset_dir, ["image_id"])["image_id"]
+    if len(ids) != table.num_rows or not ids.equals(table["image_id"]):
+        raise ValueError(f"{path} does not match the shards in {dataset_dir} (the dataset was re-ingested): "
+                         f"delete it and run `melanoma-dist folds` again")
+    return table["fold"].to_numpy()
+
+
+def ensure_folds(dataset_dir: str | Path, k: int, seed: int) -> np.ndarray:
+    """Load the folds for (k, seed), making them first if they do not exist yet."""
+    if not folds_path(dataset_dir, k, seed).is_file():
+        make_folds(dataset_dir, k, seed)
+    return load_folds(dataset_dir, k, seed)

@@ -1,0 +1,221 @@
+"""Decode, check, hash, square-resize and re-encode one image file.
+
+`prepare_image` is the only image code ingest runs; everything that can be wrong with an
+input file (empty, not an image, truncated, a decompression bomb, too small) is raised
+as `BadImageError` with a short reason, which ingest records in the manifest.
+
+Colour conversion to RGB:
+
+- `L`, `1`, `CMYK`, `YCbCr`, `LAB`, `HSV`, `P` without transparency: Pillow's conversion.
+- Images with alpha (`RGBA`, `LA`, `PA`, `P` with transparency): composited on black,
+  the colour `resize="pad"` pads with, so that transparent and padded areas look alike.
+- 16-bit and 32-bit integer or float (`I;16`, `I;16B`, `I`, `F`): stretched linearly
+  from the image's own min..max to 0..255 (clipping at 255 would turn most 16-bit
+  images white); a constant image becomes black.
+
+Example:
+
+```python
+img = prepare_image("../shared/data/ham10000/images/ISIC_0024306.jpg", size=128)
+img.data[:2], img.phash, (img.width, img.height)  # (b'\\xff\\xd8', '1230787878383909', (200, 150))
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+MIN_SIDE = 8
+"""Images smaller than this on either side are rejected."""
+
+HASH_SIZE = 8
+"""dHash grid: 8 rows of 8 left/right comparisons, 64 bits."""
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class BadImageError(ValueError):
+    """The file cannot be used as an image; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A resized, encoded image and the hashes of its original pixels."""
+
+    data: bytes
+    """The encoded (JPEG or PNG) `size`x`size` RGB image."""
+    pixel_sha256: str
+    """SHA-256 of the RGB pixels at original resolution and their shape: equal only for identical images."""
+    phash: str
+    """64-bit difference hash (16 hex digits): equal or close for near-duplicate images."""
+    width: int
+    """Original width (after EXIF orientation)."""
+    height: int
+    """Original height (after EXIF orientation)."""
+
+
+def prepare_image(path: str | Path, size: int, resize: Literal["crop", "pad"] = "crop",
+                  encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> PreparedImage:
+    """Decode an image file, hash it, make it a `size`x`size` RGB square and encode it.
+
+    Args:
+        path: the image file.
+        size: side of the output square in pixels.
+        resize: `crop` to the centred square, or `pad` to a square with black. Defaults to `"crop"`.
+        encoding: `jpeg` or `png`. Defaults to `"jpeg"`.
+        jpeg_quality: JPEG quality (1-100). Defaults to `95`.
+
+    Raises:
+        BadImageError: the file is empty, not an image, truncated or corrupt, a
+            decompression bomb, or smaller than 8 px on a side.
+    """
+    rgb = load_rgb(path)
+    return PreparedImage(data=encode(square(rgb, size, resize), encoding, jpeg_quality),
+                         pixel_sha256=pixel_sha256(rgb), phash=dhash(rgb),
+                         width=rgb.width, height=rgb.height)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Fully decode an image file, apply its EXIF orientation and convert it to RGB.
+
+    Raises:
+        BadImageError: see `prepare_image`.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadImageError(f"cannot read file: {e.strerror}") from None
+    try:
+        with f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise BadImageError("empty file (0 bytes)")
+            # A bomb between MAX_IMAGE_PIXELS and twice that only warns; make it an error
+            # so that one giant file cannot exhaust a worker's memory.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im.load()  # force the full decode: a truncated file fails here, not later
+                    im = ImageOps.exif_transpose(im)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImageError(f"corrupt or truncated image: {e}") from None
+    if min(im.size) < MIN_SIDE:
+        raise BadImageError(f"image is {im.width}x{im.height} px, smaller than {MIN_SIDE} px on a side")
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB (see the module docstring for the rules).
+
+    Raises:
+        BadImageError: the mode cannot be converted.
+    """
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
+    if im.mode in _HIGH_DEPTH_MODES:
+        return Image.fromarray(_stretch_to_uint8(np.asarray(im)), mode="L").convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadImageError(f"unsupported image mode {im.mode}: {e}") from None
+
+
+def _stretch_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Linearly map the array's own finite min..max to 0..255 (NaN to 0)."""
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = a[finite].min(), a[finite].max()
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    out = np.where(finite, (a - lo) * (255.0 / (hi - lo)), 0.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def pixel_sha256(rgb: Image.Image) -> str:
+    """SHA-256 (hex) of an RGB image's shape and pixels; identical pixels give identical hashes."""
+    h = hashlib.sha256(f"{rgb.width}x{rgb.height}x3:".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+def dhash(im: Image.Image) -> str:
+    """64-bit difference hash of an image, as 16 hex digits.
+
+    The grayscale image is shrunk to 9x8 pixels; each of the 8 rows gives 8 bits, one
+    per neighbouring pair, set when the left pixel is brighter than the right one. The
+    hash survives resizing, recompression and small colour changes, so near-duplicate
+    images have hashes a few bits apart (compare with the Hamming distance).
+    """
+    small = im.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.LANCZOS)
+    px = np.asarray(small, dtype=np.int16)
+    bits = (px[:, :-1] > px[:, 1:]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):0{HASH_SIZE * HASH_SIZE // 4}x}"
+
+
+def square(rgb: Image.Image, size: int, resize: Literal["crop", "pad"] = "crop") -> Image.Image:
+    """A `size`x`size` image: centre crop (`crop`) or black padding (`pad`) to a square, then bilinear resize.
+
+    Raises:
+        ValueError: `resize` is not `crop` or `pad`.
+    """
+    w, h = rgb.size
+    if resize == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return rgb.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    if resize == "pad":
+        side = max(w, h)
+        padded = Image.new("RGB", (side, side), (0, 0, 0))
+        padded.paste(rgb, ((side - w) // 2, (side - h) // 2))
+        return padded.resize((size, size), Image.Resampling.BILINEAR)
+    raise ValueError(f"resize must be 'crop' or 'pad', got {resize!r}")
+
+
+def encode(rgb: Image.Image, encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> bytes:
+    """Encode an RGB image with fixed settings, so that the same pixels give the same bytes.
+
+    JPEG keeps full-resolution colour (4:4:4, no chroma subsampling): lesion colour is
+    diagnostic and the images are small. No EXIF or ICC data is written.
+
+    Raises:
+        ValueError: `encoding` is not `jpeg` or `png`.
+    """
+    buf = io.BytesIO()
+    if encoding == "jpeg":
+        rgb.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0, optimize=False, progressive=False)
+    elif encoding == "png":
+        rgb.save(buf, format="PNG", optimize=False, compress_level=6)
+    else:
+        raise ValueError(f"encoding must be 'jpeg' or 'png', got {encoding!r}")
+    return buf.getvalue()

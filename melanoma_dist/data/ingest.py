@@ -1,0 +1,235 @@
+"""Ingest: turn the configured image sources into one dataset of Parquet shards.
+
+Steps: read every source's labelled records (checking first that its labels can give
+the label scheme), map the labels to class indices (so that a bad label fails before
+any image is decoded), decode/hash/resize the images in a process pool, stream them
+into shards in a temporary directory, write `manifest.json`, and finally swap the
+temporary directory into `data.dataset_dir`. An interrupted ingest leaves the
+previous dataset untouched.
+
+Example:
+
+```python
+ham = SourceConfig(kind="ham10000", path="../shared/data/ham10000")
+manifest = ingest(DataConfig(sources=(ham,), dataset_dir="runs/ham64", image_size=64))
+manifest["num_images"], manifest["counts"]  # 10015 {'other': 8902, 'melanoma': 1113}
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from melanoma_dist.config import DataConfig, SourceConfig
+from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_image
+from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, write_manifest, write_shards
+from melanoma_dist.data.sources import SkippedItem, SourceRecord, read_source
+from melanoma_dist.labels import check_provides, class_names, to_class_index
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 500
+"""Images between two progress log lines."""
+
+
+def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
+    """Build the dataset described by `cfg` in `cfg.dataset_dir`, replacing any previous one.
+
+    Args:
+        cfg: the `data` section of the config.
+        progress: log a progress line every 500 images. Defaults to `True`.
+
+    Returns:
+        The manifest (also written to `<dataset_dir>/manifest.json`).
+
+    Raises:
+        ValueError: no sources; a source cannot provide the label scheme; a label is
+            unknown; an image id is in two sources; or no image could be decoded.
+        FileNotFoundError: a source's folder or CSV is missing.
+        FileExistsError: `dataset_dir` exists but is not a dataset (it is never deleted).
+    """
+    if not cfg.sources:
+        raise ValueError("data.sources is empty: list at least one source to ingest (see configs/)")
+    dataset_dir = Path(cfg.dataset_dir)
+    _check_replaceable(dataset_dir)
+    records, skipped = _read_sources(cfg.sources, cfg.label_scheme)
+    labels = [to_class_index(cfg.label_scheme, r.label_type, r.raw_label, r.where) for r in records]
+    workers = min(cfg.ingest_workers or _available_cpus(), max(1, len(records)))
+    logger.info("ingest: %d images from %d sources, label scheme %s, %dx%d %s, %d workers",
+                len(records), len(cfg.sources), cfg.label_scheme, cfg.image_size, cfg.image_size,
+                cfg.encoding, workers)
+
+    tmp = dataset_dir.parent / f".{dataset_dir.name}.ingest-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        prepare = functools.partial(_prepare, size=cfg.image_size, resize=cfg.resize,
+                                    encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality)
+        paths = [r.path for r in records]
+        start = time.perf_counter()
+        kept: list[int] = []  # indices of records that decoded, in row order
+        with _image_map(prepare, paths, workers) as results:
+            rows = _rows(records, labels, cfg.label_scheme, results, kept, skipped, progress, start)
+            shards = write_shards(rows, tmp, cfg.rows_per_shard)
+        elapsed = time.perf_counter() - start
+        if not shards:
+            reasons = dict(Counter(s.reason for s in skipped))
+            first = f" (first: {skipped[0].path})" if skipped else ""
+            raise ValueError(f"no image could be ingested; skipped: {reasons}{first}")
+        manifest = _manifest(cfg, records, labels, kept, skipped, shards)
+        write_manifest(tmp, manifest)
+        _swap_into(tmp, dataset_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("ingest: wrote %d images (%d skipped) in %d shards to %s in %.1f s (%.0f images/s)",
+                manifest["num_images"], manifest["num_skipped"], len(shards), dataset_dir, elapsed,
+                len(records) / max(elapsed, 1e-9))
+    return manifest
+
+
+# ---------------------------------------------------------------- reading sources
+
+def _read_sources(sources: Sequence[SourceConfig], scheme: str) -> tuple[list[SourceRecord], list[SkippedItem]]:
+    """All sources' records in config order; image ids and source names must be unique."""
+    names = [s.display_name for s in sources]
+    repeated = [n for n, c in Counter(names).items() if c > 1]
+    if repeated:
+        raise ValueError(f"two data.sources are named {repeated[0]!r}; give them distinct `name`s "
+                         f"(the name is stored in the source column)")
+    records: list[SourceRecord] = []
+    skipped: list[SkippedItem] = []
+    owner: dict[str, str] = {}
+    for src in sources:
+        check_provides(scheme, src.label_type, src.display_name)
+        src_records, src_skipped = read_source(src)
+        shared = [r.image_id for r in src_records if r.image_id in owner]
+        if shared:
+            raise ValueError(
+                f"image id {shared[0]!r} is in both source {owner[shared[0]]!r} and source "
+                f"{src.display_name!r} ({len(shared)} ids shared); image ids must be unique in a dataset: "
+                f"remove the overlap from one source (e.g. with splits) or ingest them into separate datasets")
+        owner.update((r.image_id, src.display_name) for r in src_records)
+        records += src_records
+        skipped += src_skipped
+    return records, skipped
+
+
+# ---------------------------------------------------------------- decoding
+
+def _available_cpus() -> int:
+    """CPUs this process may use (the affinity mask, which containers and schedulers restrict)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _prepare(path: str, size: int, resize: str, encoding: str, jpeg_quality: int) -> PreparedImage | str:
+    """Worker: the prepared image, or the reason it is skipped (exceptions do not cross the pool)."""
+    try:
+        return prepare_image(path, size, resize=resize, encoding=encoding, jpeg_quality=jpeg_quality)
+    except BadImageError as e:
+        return e.reason
+
+
+@contextlib.contextmanager
+def _image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence[str],
+               workers: int) -> Iterator[Iterator[PreparedImage | str]]:
+    """`prepare(path)` for each path, in input order, from a process pool.
+
+    One worker runs in-process (no pool start-up, easier debugging). `imap` keeps the
+    input order, so the dataset is the same whatever the number of workers.
+    """
+    if workers <= 1:
+        yield map(prepare, paths)
+        return
+    # Chunks big enough to amortise inter-process traffic, small enough to balance load.
+    chunksize = max(1, min(32, len(paths) // (workers * 8)))
+    with multiprocessing.Pool(workers) as pool:  # leaving the block terminates the workers
+        yield pool.imap(prepare, paths, chunksize=chunksize)
+
+
+def _rows(records: Sequence[SourceRecord], labels: Sequence[int], scheme: str,
+          results: Iterable[PreparedImage | str], kept: list[int], skipped: list[SkippedItem],
+          progress: bool, start: float) -> Iterator[dict[str, Any]]:
+    """Shard rows of the decoded images; appends to `kept` and `skipped` as it goes."""
+    names = class_names(scheme)
+    for i, (record, label, result) in enumerate(zip(records, labels, results), start=1):
+        if isinstance(result, str):
+            skipped.append(SkippedItem(record.source, record.path, record.image_id, result))
+        else:
+            kept.append(i - 1)
+            yield {"image_id": record.image_id, "source": record.source, "image": result.data,
+                   "label": label, "label_name": names[label], "group": record.group,
+                   "pixel_sha256": result.pixel_sha256, "phash": result.phash, "path": record.path}
+        if progress and (i % PROGRESS_EVERY == 0 or i == len(records)):
+            elapsed = time.perf_counter() - start
+            logger.info("ingest: %d/%d images (%.0f images/s, %d skipped)",
+                        i, len(records), i / max(elapsed, 1e-9), len(skipped))
+
+
+# ---------------------------------------------------------------- manifest and swap
+
+def _manifest(cfg: DataConfig, records: Sequence[SourceRecord], labels: Sequence[int], kept: Sequence[int],
+              skipped: Sequence[SkippedItem], shards: Sequence[str]) -> dict[str, Any]:
+    names = class_names(cfg.label_scheme)
+    order = {s.display_name: i for i, s in enumerate(cfg.sources)}
+    skipped = sorted(skipped, key=lambda s: (order[s.source], s.path, s.image_id))
+    per_class = Counter(names[labels[i]] for i in kept)
+    images_per_source = Counter(records[i].source for i in kept)
+    skipped_per_source = Counter(s.source for s in skipped)
+    for name in names:
+        if per_class[name] == 0:
+            logger.warning("ingest: class %r has no images", name)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "label_scheme": cfg.label_scheme,
+        "class_names": list(names),
+        "counts": {name: per_class[name] for name in names},
+        "num_images": len(kept),
+        "image_size": cfg.image_size,
+        "resize": cfg.resize,
+        "encoding": cfg.encoding,
+        "jpeg_quality": cfg.jpeg_quality,
+        "rows_per_shard": cfg.rows_per_shard,
+        "num_shards": len(shards),
+        "shards": list(shards),
+        "columns": list(COLUMNS),
+        "sources": [{"name": s.display_name, "kind": s.kind, "path": s.path, "label_type": s.label_type,
+                     "num_images": images_per_source[s.display_name],
+                     "num_skipped": skipped_per_source[s.display_name]} for s in cfg.sources],
+        "num_skipped": len(skipped),
+        "skipped": [s.to_dict() for s in skipped],
+    }
+
+
+def _check_replaceable(dataset_dir: Path) -> None:
+    """Refuse to replace a directory that is not a dataset: ingest deletes what it replaces."""
+    if not dataset_dir.exists():
+        return
+    if not dataset_dir.is_dir() or (any(dataset_dir.iterdir()) and not (dataset_dir / MANIFEST).is_file()):
+        raise FileExistsError(
+            f"data.dataset_dir {dataset_dir} exists and is not a melanoma-dist dataset (no {MANIFEST}); "
+            f"ingest replaces its target, so set data.dataset_dir to a new folder or remove this one")
+
+
+def _swap_into(tmp: Path, dataset_dir: Path) -> None:
+    """Move the finished `tmp` to `dataset_dir`, replacing an existing dataset there."""
+    if not dataset_dir.exists():
+        tmp.rename(dataset_dir)
+        return
+    trash = dataset_dir.parent / f".{dataset_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    dataset_dir.rename(trash)
+    tmp.rename(dataset_dir)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""The tf.data input pipeline over Parquet shards, sharded per worker.
+
+Each worker (Horovod rank) reads only its own rows: the rows of a split are put
+in a fixed order and rank `r` of `W` takes every W-th row starting at `r`, so
+workers see disjoint sets that together are the whole split. Image bytes are
+read shard by shard with pyarrow (memory stays bounded by one shard), then
+decoded, normalised to [0, 1], augmented (training only, Keras preprocessing
+layers), shuffled, batched and prefetched by tf.data.
+
+Training streams are endless (reshuffled every pass) and consumed for
+`steps_per_epoch` batches, the same number on every rank, because unequal step
+counts would deadlock Horovod's allreduce. Evaluation streams are one ordered
+pass with no augmentation, no dropped and no repeated rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import tensorflow as tf
+import keras
+
+from melanoma_dist.config import AugmentConfig, PipelineConfig
+from melanoma_dist.data import shards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """The light columns of a dataset, one entry per row in shard order."""
+
+    shard_paths: tuple[Path, ...]
+    shard_offsets: np.ndarray  # first global row of each shard, plus the total at the end
+    image_ids: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+
+    @classmethod
+    def load(cls, dataset_dir: str | Path) -> "RowIndex":
+        paths = tuple(shards.shard_paths(dataset_dir))
+        counts = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+        table = shards.read_columns(dataset_dir, ["image_id", "label", "group"])
+        return cls(paths, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   np.asarray(table["image_id"].to_pylist(), dtype=object),
+                   table["label"].to_numpy().astype(np.int32),
+                   np.asarray(table["group"].to_pylist(), dtype=object))
+
+    def __len__(self) -> int:
+        return int(self.shard_offsets[-1])
+
+    def by_shard(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Split global row ids into (shard number, local row ids), preserving order within a shard."""
+        shard_of = np.searchsorted(self.shard_offsets, rows, side="right") - 1
+        return [(int(s), rows[shard_of == s] - self.shard_offsets[s]) for s in np.unique(shard_of)]
+
+
+def split_rows(fold_of_row: np.ndarray, fold: int, training: bool) -> np.ndarray:
+    """Global row ids of the training part (every other fold) or validation part (this fold)."""
+    mask = fold_of_row != fold if training else fold_of_row == fold
+    return np.flatnonzero(mask).astype(np.int64)
+
+
+def worker_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This worker's share of `rows`: disjoint across ranks, complete together.
+
+    Raises:
+        ValueError: rank outside [0, world_size).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rows[rank::world_size]
+
+
+def steps_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
+    """Training batches per epoch, identical on every rank (based on the smallest rank share)."""
+    return max(1, math.ceil((num_rows // world_size) / batch_size))
+
+
+def build_augmenter(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
+    """Keras preprocessing layers for training-time augmentation, or None when all are off."""
+    layers: list[keras.layers.Layer] = []
+    if cfg.horizontal_flip or cfg.vertical_flip:
+        mode = "horizontal_and_vertical" if cfg.horizontal_flip and cfg.vertical_flip else (
+            "horizontal" if cfg.horizontal_flip else "vertical")
+        layers.append(keras.layers.RandomFlip(mode, seed=seed))
+    if cfg.rotation > 0:
+        layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 1))
+    if cfg.zoom > 0:
+        layers.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed + 2))
+    if cfg.contrast > 0:
+        layers.append(keras.layers.RandomContrast(cfg.contrast, seed=seed + 3))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode one stored image to float32 [image_size, image_size, 3] in [0, 1]."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def _shard_chunks(index: RowIndex, rows: np.ndarray, shuffle: bool, seed: int,
+                  repeat: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (image bytes, labels) one shard at a time; reshuffled on every pass when asked."""
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        parts = index.by_shard(rows)
+        if shuffle:
+            parts = [parts[i] for i in rng.permutation(len(parts))]
+        for shard, local in parts:
+            if shuffle:
+                local = rng.permutation(local)
+            images = np.asarray(shards.read_images(index.shard_paths[shard], local), dtype=object)
+            labels = index.labels[local + index.shard_offsets[shard]]
+            yield images, labels
+        if not repeat:
+            return
+        epoch += 1
+
+
+def make_dataset(index: RowIndex, rows: np.ndarray, cfg: PipelineConfig, image_size: int,
+                 training: bool, seed: int = 0) -> tf.data.Dataset:
+    """A batched dataset of (image, label) over `rows` (already this worker's share).
+
+    Args:
+        index: Row index of the dataset.
+        rows: Global row ids to read, in order.
+        cfg: Pipeline settings (batch size, shuffle buffer, parallelism, augmentation).
+        image_size: Side of the stored square images.
+        training: Endless, shuffled, augmented stream when True; one ordered, plain pass when False.
+        seed: Seed of shuffling and augmentation (give each rank its own).
+
+    Raises:
+        ValueError: `rows` is empty.
+    """
+    if len(rows) == 0:
+        raise ValueError("this worker has no rows to read: fewer images than workers, or an empty fold")
+    parallel = tf.data.AUTOTUNE if cfg.parallel_calls == -1 else cfg.parallel_calls
+    ds = tf.data.Dataset.from_generator(
+        lambda: _shard_chunks(index, rows, shuffle=training, seed=seed, repeat=training),
+        output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)))
+    ds = ds.unbatch()
+    if training:
+        ds = ds.shuffle(min(cfg.shuffle_buffer, len(rows)), seed=seed)
+    ds = ds.map(lambda data, label: (decode_image(data, image_size), label),
+                num_parallel_calls=parallel, deterministic=not training)
+    ds = ds.batch(cfg.batch_size, drop_remainder=False)
+    augmenter = build_augmenter(cfg.augment, seed) if training else None
+    if augmenter is not None:
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=parallel,
+                    deterministic=False)
+    return ds.prefetch(tf.data.AUTOTUNE)

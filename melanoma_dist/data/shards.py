@@ -1,0 +1,231 @@
+"""The on-disk dataset format: Parquet shards plus `manifest.json`, the single source of column names.
+
+A dataset directory holds `shard-00000-of-000NN.parquet` files and `manifest.json`
+(written by ingest; it lists the shards in row order). Every shard has the columns of
+`SCHEMA`; rows are stored in row groups of at most `ROW_GROUP_ROWS` rows so that
+readers can fetch a few images without reading the whole shard. Global row `i` of
+the dataset is row `i % rows_per_shard` of shard `i // rows_per_shard`.
+
+Writing is deterministic: the same rows give byte-identical files (fixed compression,
+no timestamps).
+
+Example:
+
+```python
+meta = read_columns("runs/dataset", [IMAGE_ID, LABEL, GROUP])  # pyarrow.Table, all shards
+images = read_images(shard_paths("runs/dataset")[0], [0, 5])   # encoded bytes of 2 rows
+```
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ROW_GROUP_ROWS = 256
+
+IMAGE_ID = "image_id"
+SOURCE = "source"
+IMAGE = "image"
+LABEL = "label"
+LABEL_NAME = "label_name"
+GROUP = "group"
+PIXEL_SHA256 = "pixel_sha256"
+PHASH = "phash"
+PATH = "path"
+
+SCHEMA = pa.schema([
+    pa.field(IMAGE_ID, pa.string(), nullable=False),
+    pa.field(SOURCE, pa.string(), nullable=False),
+    pa.field(IMAGE, pa.binary(), nullable=False),  # encoded JPEG or PNG, image_size x image_size RGB
+    pa.field(LABEL, pa.int32(), nullable=False),  # class index in the manifest's class_names
+    pa.field(LABEL_NAME, pa.string(), nullable=False),
+    pa.field(GROUP, pa.string(), nullable=False),  # lesion: rows of one group stay in one fold
+    pa.field(PIXEL_SHA256, pa.string(), nullable=False),
+    pa.field(PHASH, pa.string(), nullable=False),
+    pa.field(PATH, pa.string(), nullable=False),  # the source image file, for reports
+])
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+LIGHT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != IMAGE)
+"""Every column but the image bytes: cheap to read for folds and reports."""
+
+_REINGEST = "re-run `melanoma-dist ingest --config <your config>`"
+_PARTIAL_SUFFIX = ".partial"
+# zstd at a fixed level: deterministic output; the image bytes are already compressed,
+# so a higher level would cost time for nothing. No statistics on the image column:
+# min/max of JPEG bytes are useless and would bloat the footer.
+_WRITE_OPTIONS: dict[str, Any] = dict(
+    compression="zstd", compression_level=3, row_group_size=ROW_GROUP_ROWS,
+    use_dictionary=[SOURCE, LABEL_NAME], write_statistics=list(LIGHT_COLUMNS))
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    """File name of shard `index` of `num_shards`: `shard-00003-of-00012.parquet`."""
+    return f"shard-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Path,
+                 rows_per_shard: int) -> list[str]:
+    """Write rows into Parquet shards of `rows_per_shard` rows, streaming.
+
+    Args:
+        rows: a `pyarrow.Table` with the `SCHEMA` columns, or an iterable of dicts
+            keyed by column name (consumed lazily: at most one shard is held in memory).
+        out_dir: directory to write to (created if needed; must hold no shards yet).
+        rows_per_shard: rows per shard; the last shard may be smaller.
+
+    Returns:
+        The shard file names, in row order (empty when there are no rows).
+
+    Raises:
+        FileExistsError: `out_dir` already holds shards.
+        ValueError: `rows_per_shard` < 1, or a row does not fit `SCHEMA`.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("shard-*.parquet"))
+    if existing:
+        raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ...); write to an empty directory")
+    # The final names contain the shard count, unknown until the rows run out: write
+    # numbered partial files, then rename them.
+    partial = []
+    for i, table in enumerate(_batches(rows, rows_per_shard)):
+        path = out / f"shard-{i:05d}{_PARTIAL_SUFFIX}"
+        pq.write_table(table, path, **_WRITE_OPTIONS)
+        partial.append(path)
+    names = [shard_name(i, len(partial)) for i in range(len(partial))]
+    for path, name in zip(partial, names):
+        path.rename(out / name)
+    logger.debug("wrote %d shards to %s", len(names), out)
+    return names
+
+
+def _batches(rows: Iterable[Mapping[str, Any]] | pa.Table, n: int) -> Iterator[pa.Table]:
+    if isinstance(rows, pa.Table):
+        table = rows.select(list(COLUMNS)).cast(SCHEMA)
+        for start in range(0, table.num_rows, n):
+            yield table.slice(start, n)
+        return
+    buf: list[Mapping[str, Any]] = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) == n:
+            yield _to_table(buf)
+            buf = []
+    if buf:
+        yield _to_table(buf)
+
+
+def _to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ValueError(f"rows do not fit the shard schema {list(COLUMNS)}: {e}") from None
+
+
+def write_manifest(dataset_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
+    """Write `manifest.json` with sorted keys (the same manifest gives the same bytes)."""
+    path = Path(dataset_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """Read a dataset's `manifest.json`.
+
+    Raises:
+        FileNotFoundError: there is no manifest (the dataset was not ingested).
+        ValueError: the manifest was written by an incompatible format version.
+    """
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: run `melanoma-dist ingest --config ...` first")
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema_version {version!r} but this melanoma-dist reads version "
+                         f"{SCHEMA_VERSION}: {_REINGEST}")
+    return manifest
+
+
+def shard_paths(dataset_dir: str | Path) -> list[Path]:
+    """The dataset's shard files, in row order, as listed by its manifest.
+
+    Raises:
+        FileNotFoundError: the manifest or a shard it lists is missing.
+    """
+    paths = [Path(dataset_dir) / name for name in load_manifest(dataset_dir)["shards"]]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"shard {p} listed in {Path(dataset_dir) / MANIFEST} is missing: {_REINGEST}")
+    return paths
+
+
+def read_columns(dataset_dir: str | Path, columns: Sequence[str]) -> pa.Table:
+    """Read some columns of every shard, concatenated in row order.
+
+    Args:
+        dataset_dir: the dataset directory.
+        columns: column names, e.g. `[IMAGE_ID, LABEL, GROUP, PIXEL_SHA256]`.
+
+    Raises:
+        ValueError: a name is not a shard column, or a shard lacks one (it is stale).
+        FileNotFoundError: see `shard_paths`.
+    """
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown shard column {unknown[0]!r}; valid columns: {list(COLUMNS)}")
+    tables = []
+    for p in shard_paths(dataset_dir):
+        pf = pq.ParquetFile(p)
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"shard {p} has no column {missing[0]!r} (columns: {pf.schema_arrow.names}): "
+                             f"it was written by an older ingest; {_REINGEST}")
+        tables.append(pf.read(columns=list(columns)))
+    return pa.concat_tables(tables)
+
+
+def read_images(path: str | Path, row_indices: Sequence[int] | None = None) -> list[bytes]:
+    """The encoded image bytes of some rows of one shard (all rows when `row_indices` is None).
+
+    Only the row groups holding the requested rows are read.
+
+    Raises:
+        IndexError: a row index is outside the shard.
+    """
+    pf = pq.ParquetFile(path)
+    if row_indices is None:
+        return pf.read(columns=[IMAGE]).column(IMAGE).to_pylist()
+    meta = pf.metadata
+    starts = [0]
+    for g in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(g).num_rows)
+    for i in row_indices:
+        if not 0 <= i < meta.num_rows:
+            raise IndexError(f"row {i} is outside shard {path} ({meta.num_rows} rows)")
+    groups = sorted({bisect.bisect_right(starts, i) - 1 for i in row_indices})
+    column = pf.read_row_groups(groups, columns=[IMAGE]).column(IMAGE)
+    # Position of each selected group's first row inside `column`.
+    offset, base = 0, {}
+    for g in groups:
+        base[g] = offset
+        offset += starts[g + 1] - starts[g]
+    out = []
+    for i in row_indices:
+        g = bisect.bisect_right(starts, i) - 1
+        out.append(column[base[g] + i - starts[g]].as_py())
+    return out

@@ -1,0 +1,126 @@
+"""Gather the folds of a cross-validation run into one result.
+
+Reads each `fold-K/metrics.json` and `fold-K/predictions.csv` and writes, in the
+run's output directory:
+
+- `cv_folds.csv`: one row per fold (scalar metrics, epochs, wall time, node);
+- `oof_predictions.csv`: every out-of-fold prediction, with its fold;
+- `cv_summary.json`: mean and sample standard deviation (ddof=1) of every scalar
+  metric over folds, and the metrics of the pooled out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from melanoma_dist.metrics import classification_metrics
+from melanoma_dist.train.fold import METRICS_FILE, fold_dir
+
+logger = logging.getLogger(__name__)
+
+SCALAR_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "precision_macro",
+                  "recall_macro", "f1_macro", "roc_auc", "melanoma_roc_auc")
+FOLD_COLUMNS = ("fold", "num_samples") + SCALAR_METRICS + ("epochs_run", "workers", "node_id", "host",
+                                                           "attempts", "wall_time_s")
+
+
+def load_fold_metrics(output_dir: str | Path, fold: int) -> dict | None:
+    """A finished fold's metrics, or None if the fold has not finished."""
+    path = fold_dir(output_dir, fold) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_predictions(path: Path) -> tuple[list[dict], list[str]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return rows, list(reader.fieldnames or [])
+
+
+def mean_std(values: Sequence[float | None]) -> dict:
+    """Mean and sample standard deviation of the defined values (None where too few)."""
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    return {"mean": float(v.mean()) if len(v) else None,
+            "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "n": int(len(v))}
+
+
+def aggregate_cv(output_dir: str | Path, k: int, melanoma_index: int | None = None) -> dict:
+    """Aggregate the finished folds of a run; write the CV files; return the summary.
+
+    Args:
+        output_dir: The run's output directory (holding `fold-K/`).
+        k: Number of folds of the run.
+        melanoma_index: Index of the melanoma class for multi-class schemes.
+
+    Raises:
+        ValueError: no fold has finished, or an image appears in two folds' predictions.
+    """
+    out = Path(output_dir)
+    per_fold = {f: m for f in range(k) if (m := load_fold_metrics(out, f)) is not None}
+    if not per_fold:
+        raise ValueError(f"no finished fold in {out}: nothing to aggregate")
+
+    with (out / "cv_folds.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FOLD_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for fold, m in sorted(per_fold.items()):
+            w.writerow({c: m.get(c, "") for c in FOLD_COLUMNS})
+
+    oof: list[dict] = []
+    fields: list[str] = []
+    for fold in sorted(per_fold):
+        rows, fields = _read_predictions(fold_dir(out, fold) / "predictions.csv")
+        oof += [dict(r, fold=fold) for r in rows]
+    ids = [r["image_id"] for r in oof]
+    if len(set(ids)) != len(ids):
+        raise ValueError("an image has out-of-fold predictions in two folds: the folds overlap")
+    with (out / "oof_predictions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["fold"] + fields)
+        w.writeheader()
+        w.writerows(oof)
+
+    class_names = next(iter(per_fold.values()))["class_names"]
+    probs = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in oof])
+    pooled = classification_metrics([int(r["label"]) for r in oof], probs, class_names, melanoma_index)
+    summary = {
+        "k": k,
+        "folds_finished": sorted(per_fold),
+        "folds_missing": [f for f in range(k) if f not in per_fold],
+        "mean_std": {name: mean_std([m.get(name) for m in per_fold.values()])
+                     for name in SCALAR_METRICS if any(name in m for m in per_fold.values())},
+        "pooled_oof": pooled,
+        "num_oof_predictions": len(oof),
+    }
+    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_table(output_dir: str | Path, summary: dict) -> str:
+    """The per-fold table and the aggregate as aligned text, for the terminal."""
+    with (Path(output_dir) / "cv_folds.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = ["fold", "num_samples"] + [c for c in summary["mean_std"]] + ["epochs_run", "node_id", "wall_time_s"]
+
+    def cell(v: object) -> str:
+        try:
+            x = float(v)  # type: ignore[arg-type]
+            return f"{x:.4f}" if not x.is_integer() else str(int(x))
+        except (TypeError, ValueError):
+            return str(v)[:12] if v not in (None, "") else "-"
+
+    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
+    ms = summary["mean_std"]
+    table.append(["mean±sd", ""] + [f"{ms[c]['mean']:.4f}±{ms[c]['std']:.4f}" if ms[c]["std"] is not None
+                                    else cell(ms[c]["mean"]) for c in summary["mean_std"]] + ["", "", ""])
+    pooled = summary["pooled_oof"]
+    table.append(["pooled", str(pooled["num_samples"])] + [cell(pooled.get(c)) for c in summary["mean_std"]]
+                 + ["", "", ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in table)

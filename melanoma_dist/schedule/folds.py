@@ -1,0 +1,179 @@
+"""Cross-validation as a Ray job: every fold is one Horovod group placed by Ray.
+
+The driver (this module) prepares the dataset and folds once, connects to Ray
+(an existing cluster, or an embedded local one), and launches one Horovod group
+per unfinished fold. Groups run concurrently as far as the cluster's resources
+allow and queue otherwise. A fold whose worker or node dies is started again,
+up to `distributed.max_retries` times, and resumes from its last saved epoch.
+Finished folds (those with `fold-K/metrics.json`) are never re-run, so running
+`cv` again with the same output directory finishes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from melanoma_dist import labels as label_schemes
+from melanoma_dist.config import Config, config_from_dict
+from melanoma_dist.data import shards
+from melanoma_dist.data.prepare import prepare
+from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
+from melanoma_dist.schedule.horovod_group import GroupSpec, run_horovod_group
+
+logger = logging.getLogger(__name__)
+
+
+def _fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
+    """Body of every Horovod rank of one fold (runs inside a Ray actor)."""
+    import ray
+
+    from melanoma_dist.train.fold import train_fold
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return train_fold(config_from_dict(cfg_dict), fold,
+                      extra={"node_id": ray.get_runtime_context().get_node_id(), "attempts": attempt})
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with data and output paths made absolute, as every node must read them alike."""
+    sources = tuple(dataclasses.replace(s, path=os.path.abspath(s.path)) for s in cfg.data.sources)
+    data = dataclasses.replace(cfg.data, sources=sources, dataset_dir=os.path.abspath(cfg.data.dataset_dir))
+    return dataclasses.replace(cfg, data=data, output_dir=os.path.abspath(cfg.output_dir))
+
+
+def _versions() -> dict[str, str]:
+    import horovod
+    import keras
+    import numpy
+    import pyarrow
+    import ray
+    import sklearn
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "horovod": horovod.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
+            "pyarrow": pyarrow.__version__, "scikit-learn": sklearn.__version__}
+
+
+def write_run_manifest(cfg: Config, ray_address: str) -> Path:
+    """Record what produced this run: config, versions, data manifest hash, seeds, cluster."""
+    manifest_bytes = (Path(cfg.data.dataset_dir) / shards.MANIFEST).read_bytes()
+    run = {"config": cfg.to_dict(), "versions": _versions(),
+           "data_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+           "seeds": {"folds": cfg.folds.seed, "train": cfg.train.seed},
+           "ray_address": ray_address, "command": " ".join(sys.argv)}
+    out = Path(cfg.output_dir) / "run_manifest.json"
+    out.write_text(json.dumps(run, indent=2) + "\n")
+    return out
+
+
+def _connect(address: str) -> tuple[str, bool]:
+    """Connect to `address`, else RAY_ADDRESS, else start a local Ray.
+
+    Returns:
+        What was connected to, and whether this call started Ray (and so should stop it).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        return "the Ray this process already joined", False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        logger.info("connected to the Ray cluster at %s", address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+        logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+    return address or "local", True
+
+
+class FoldFailed(RuntimeError):
+    """A fold failed on every allowed attempt."""
+
+
+def run_fold_with_retries(cfg: Config, fold: int, spec: GroupSpec) -> dict:
+    """Train one fold as a Horovod group, starting again (and resuming) when it fails."""
+    attempts = cfg.distributed.max_retries + 1
+    for attempt in range(1, attempts + 1):
+        logger.info("fold %d: starting %d worker(s) (attempt %d of %d)", fold, spec.num_workers, attempt, attempts)
+        try:
+            results = run_horovod_group(_fold_worker, [cfg.to_dict(), fold, attempt], spec)
+            return results[0]  # rank 0 holds the metrics
+        except Exception as e:  # a dead worker/node surfaces as a Ray error; retry it
+            logger.warning("fold %d: attempt %d failed: %s: %s", fold, attempt, type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+            if attempt == attempts:
+                raise FoldFailed(f"fold {fold} failed {attempts} time(s); last error: {e!r}") from e
+    raise AssertionError("unreachable")
+
+
+def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -> dict:
+    """Run (or finish) a cross-validation on Ray; aggregate and return the summary.
+
+    Args:
+        cfg: The job's config.
+        folds: Folds to run. Defaults to `None` (all folds).
+        address: Ray cluster address. Defaults to `""` (RAY_ADDRESS, else a local Ray).
+
+    Raises:
+        FoldFailed: some fold failed on every attempt (the others are still aggregated).
+    """
+    import ray
+
+    start = time.time()
+    cfg = absolute_paths(cfg)
+    prepare(cfg)  # the driver is the only writer of the dataset and the folds
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
+    done = [f for f in wanted if load_fold_metrics(out, f) is not None]
+    pending = [f for f in wanted if f not in done]
+    if done:
+        logger.info("folds %s already finished in %s: not re-running them", done, out)
+    used, started_ray = _connect(address or cfg.distributed.address)
+    write_run_manifest(cfg, used)
+    spec = GroupSpec(cfg.distributed.workers_per_fold, cfg.distributed.cpus_per_worker,
+                     cfg.distributed.gpus_per_worker)
+    failures: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def one(fold: int) -> None:
+        try:
+            m = run_fold_with_retries(cfg, fold, spec)
+            logger.info("fold %d finished on node %s: balanced accuracy %.3f, ROC-AUC %s (%d of %d folds done)",
+                        fold, str(m.get("node_id", "?"))[:8], m["balanced_accuracy"], m["roc_auc"],
+                        sum(load_fold_metrics(out, f) is not None for f in wanted), len(wanted))
+        except FoldFailed as e:
+            with lock:
+                failures[fold] = str(e)
+            logger.error("%s", e)
+
+    try:
+        # One thread per fold only waits on Ray; Ray decides where and when each group runs.
+        with ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="fold") as pool:
+            list(pool.map(one, pending))
+    finally:
+        if started_ray:
+            ray.shutdown()
+    summary = aggregate_cv(out, cfg.folds.k, label_schemes.melanoma_index(cfg.data.label_scheme)
+                           if cfg.data.label_scheme == "ham7" else None)
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if failures:
+        raise FoldFailed(f"{len(failures)} fold(s) failed: {failures}; finished folds are kept in {out}; "
+                         f"run `melanoma-dist cv` again with the same output_dir to retry only those")
+    return summary

@@ -1,0 +1,221 @@
+"""Train and score one cross-validation fold, on one worker or as one Horovod rank.
+
+The same function runs in a plain process (a Horovod world of size 1), under
+`horovodrun -np N`, and inside the Ray-scheduled Horovod groups of `cv`. Every
+rank reads its own share of the training rows; validation predictions of all
+ranks are gathered so that the metrics cover the whole fold exactly once. Only
+rank 0 writes files.
+
+Outputs in `<output_dir>/fold-<K>/`: `model.keras`, `history.csv`,
+`predictions.csv` (image_id, group, label, probability per class), and
+`metrics.json`, written last (its presence marks the fold as done).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from melanoma_dist import labels as label_schemes
+from melanoma_dist.config import Config
+from melanoma_dist.data import folds as fold_io
+from melanoma_dist.data import shards
+from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, steps_per_epoch, worker_rows
+from melanoma_dist.distributed import horovod_keras as hk
+from melanoma_dist.metrics import classification_metrics
+from melanoma_dist.model.cnn import build_model, probabilities
+from melanoma_dist.train import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def fold_dir(output_dir: str | Path, fold: int) -> Path:
+    """Result folder of one fold."""
+    return Path(output_dir) / f"fold-{fold}"
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights n / (C * n_c); classes absent from training get weight 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    n = counts.sum()
+    return {c: float(n / (num_classes * counts[c])) if counts[c] else 0.0 for c in range(num_classes)}
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """What one rank reads for one fold."""
+
+    index: RowIndex
+    class_names: tuple[str, ...]
+    image_size: int
+    train_rows: np.ndarray  # all ranks' training rows (global ids)
+    val_rows: np.ndarray  # all ranks' validation rows (global ids)
+
+
+def load_fold_data(cfg: Config, fold: int) -> FoldData:
+    """Read the manifest, row index and fold assignment, and select one fold's rows.
+
+    Raises:
+        ValueError: the fold is outside [0, folds.k) or one side of the split is empty.
+    """
+    if not 0 <= fold < cfg.folds.k:
+        raise ValueError(f"fold must be in [0, {cfg.folds.k}) for folds.k={cfg.folds.k}, got {fold}")
+    manifest = shards.load_manifest(cfg.data.dataset_dir)
+    index = RowIndex.load(cfg.data.dataset_dir)
+    fold_of_row = fold_io.load_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed)
+    train_rows, val_rows = split_rows(fold_of_row, fold, True), split_rows(fold_of_row, fold, False)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(f"fold {fold} leaves an empty training or validation set "
+                         f"({len(train_rows)} / {len(val_rows)} images)")
+    return FoldData(index, tuple(manifest["class_names"]), int(manifest["image_size"]), train_rows, val_rows)
+
+
+def compile_model(cfg: Config, num_classes: int, learning_rate: float, seed: int) -> keras.Model:
+    """Build the CNN and compile it with Adam wrapped for Horovod gradient averaging."""
+    model = build_model(cfg.model, cfg.data.image_size, num_classes, seed=seed)
+    binary = num_classes == 2
+    # Horovod: average gradients across ranks before every update (Keras-3-safe wrapper).
+    optimizer = hk.distributed_optimizer(keras.optimizers.Adam(learning_rate))
+    model.compile(
+        optimizer=optimizer,
+        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")] if binary else ["accuracy"])
+    return model
+
+
+def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.ndarray) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "group", "label", "label_name", "pred"] + [f"prob_{c}" for c in data.class_names])
+        for r, p in zip(rows, probs):
+            y = int(data.index.labels[r])
+            w.writerow([data.index.image_ids[r], data.index.groups[r], y, data.class_names[y], int(p.argmax())]
+                       + [f"{v:.6f}" for v in p])
+
+
+def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None:
+    """Train on every fold but `fold`, validate and score on `fold`.
+
+    A fold that was interrupted resumes from its last finished epoch.
+
+    Args:
+        cfg: The job's config.
+        fold: The validation fold.
+        extra: Entries added to the metrics (e.g. the Ray node and attempt). Defaults to `None`.
+
+    Returns:
+        The metrics dict on rank 0, None on other ranks.
+    """
+    start = time.time()
+    # Horovod: one process per GPU, pinned by local rank; a plain process is rank 0 of 1.
+    ctx = hk.init_worker(use_gpu=cfg.distributed.gpus_per_worker > 0)
+    if cfg.train.mixed_precision:
+        if tf.config.list_physical_devices("GPU"):
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            logger.warning("train.mixed_precision is set but no GPU is visible: training in float32")
+    keras.utils.set_random_seed(cfg.train.seed)
+    data = load_fold_data(cfg, fold)
+    if data.image_size != cfg.data.image_size:
+        raise ValueError(f"the dataset in {cfg.data.dataset_dir} holds {data.image_size}px images but "
+                         f"data.image_size is {cfg.data.image_size}: re-ingest or set data.image_size={data.image_size}")
+    num_classes = len(data.class_names)
+    out = fold_dir(cfg.output_dir, fold)
+    if ctx.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info("fold %d: %d training / %d validation images, %d worker(s), %s",
+                    fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname())
+
+    # Horovod: each rank reads a disjoint share; shuffling/augmentation seeds differ per rank.
+    my_train = worker_rows(data.train_rows, ctx.rank, ctx.size)
+    my_val = worker_rows(data.val_rows, ctx.rank, ctx.size)
+    train_ds = make_dataset(data.index, my_train, cfg.pipeline, data.image_size, training=True,
+                            seed=cfg.train.seed + 7919 * ctx.rank)
+    val_ds = make_dataset(data.index, my_val, cfg.pipeline, data.image_size, training=False)
+    steps = steps_per_epoch(len(data.train_rows), ctx.size, cfg.pipeline.batch_size)
+
+    model = compile_model(cfg, num_classes, cfg.train.learning_rate, cfg.train.seed)
+    # Horovod: start every rank from rank 0's weights.
+    hk.broadcast_model(model, root_rank=0)
+    # A restarted fold resumes: every rank reads the same checkpoint from the shared output dir.
+    resume_dir = out / "resume"
+    state = ckpt.load_state(resume_dir)
+    best_weights = None
+    if state:
+        hk.build_optimizer(model)  # create the optimizer variables, so the checkpoint restores them
+        model.load_weights(resume_dir / ckpt.BEST)
+        best_weights = model.get_weights()
+        model.load_weights(resume_dir / ckpt.LAST)
+        if ctx.is_chief:
+            logger.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+
+    early_stopping = ckpt.ResumableEarlyStopping(
+        state=state and state["early_stopping"], best_weights=best_weights, monitor="val_loss",
+        patience=cfg.train.early_stopping_patience, restore_best_weights=True)
+    reduce_lr = ckpt.ResumableReduceLROnPlateau(
+        state=state and state["reduce_lr"], monitor="val_loss", factor=cfg.train.reduce_lr_factor,
+        patience=cfg.train.reduce_lr_patience)
+    callbacks: list[keras.callbacks.Callback] = [
+        # Horovod: average metrics over ranks first, so every rank takes the same
+        # early-stopping and learning-rate decisions as the callbacks below.
+        hk.MetricAverageCallback(),
+        # Horovod: scale the learning rate by the number of workers, after a warm-up.
+        hk.WarmupScaledLR(cfg.train.learning_rate, warmup_epochs=cfg.train.warmup_epochs, size=ctx.size,
+                          steps_per_epoch=steps),
+        reduce_lr,
+        early_stopping,
+    ]
+    if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
+        callbacks += [ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr),
+                      keras.callbacks.CSVLogger(str(out / "history.csv"), append=bool(state))]
+    weights = (class_weights(data.index.labels[data.train_rows], num_classes)
+               if cfg.train.class_weight == "balanced" else None)
+    initial_epoch = state["epoch"] if state else 0
+    if initial_epoch < cfg.train.epochs:
+        # shuffle=False: the dataset shuffles itself; explicit validation_steps: one exact pass.
+        model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                  validation_data=val_ds, validation_steps=math.ceil(len(my_val) / cfg.pipeline.batch_size),
+                  shuffle=False, class_weight=weights, callbacks=callbacks,
+                  verbose=cfg.train.verbose if ctx.is_chief else 0)
+    # Score with the best epoch's weights (the same on every rank: val_loss is averaged).
+    if early_stopping.best_weights is not None:
+        model.set_weights(early_stopping.best_weights)
+
+    # Score the full fold: each rank predicts its share, rank 0 gets them all.
+    my_probs = probabilities(model.predict(val_ds, verbose=0), num_classes)
+    all_rows = hk.allgather_rows(my_val)
+    all_probs = hk.allgather_rows(my_probs)
+    if not ctx.is_chief:
+        return None
+    order = np.argsort(all_rows, kind="stable")
+    rows, probs = all_rows[order], all_probs[order]
+    if not np.array_equal(rows, data.val_rows):  # every validation image exactly once
+        raise RuntimeError(f"gathered predictions cover {len(rows)} rows, expected {len(data.val_rows)}")
+    metrics = classification_metrics(data.index.labels[rows], probs, data.class_names,
+                                     label_schemes.melanoma_index(cfg.data.label_scheme)
+                                     if num_classes > 2 else None)
+    model.save(out / "model.keras")
+    _write_predictions(out / "predictions.csv", data, rows, probs)
+    metrics.update(extra or {})
+    metrics.update(fold=fold, workers=ctx.size, host=socket.gethostname(),
+                   epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=early_stopping.best_epoch + 1,
+                   wall_time_s=round(time.time() - start, 1))
+    tmp = out / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out / METRICS_FILE)
+    logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %.3f, ROC-AUC %s", fold,
+                metrics["wall_time_s"], metrics["accuracy"], metrics["balanced_accuracy"], metrics["roc_auc"])
+    return metrics

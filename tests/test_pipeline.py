@@ -1,0 +1,103 @@
+"""The tf.data pipeline: per-worker shards, augmentation in training only."""
+
+import numpy as np
+import pytest
+
+from melanoma_dist.config import AugmentConfig, PipelineConfig
+from melanoma_dist.data.folds import load_folds
+from melanoma_dist.data.pipeline import (RowIndex, make_dataset, split_rows, steps_per_epoch,
+                                         worker_rows)
+from tests.synthetic import make_dataset as make_synthetic
+
+NO_AUGMENT = AugmentConfig(rotation=0.0, zoom=0.0, horizontal_flip=False)
+PLAIN = PipelineConfig(batch_size=4, augment=NO_AUGMENT)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    cfg = make_synthetic(tmp_path_factory.mktemp("pipeline"))
+    return cfg, RowIndex.load(cfg.dataset_dir)
+
+
+def _images(ds) -> np.ndarray:
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+
+def _keys(images: np.ndarray) -> list[bytes]:
+    return sorted((im * 255).round().astype(np.uint8).tobytes() for im in images)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_worker_rows_disjoint_and_complete(world_size):
+    rows = np.arange(3, 50)
+    shares = [worker_rows(rows, r, world_size) for r in range(world_size)]
+    assert sorted(np.concatenate(shares).tolist()) == rows.tolist()
+    assert sum(len(s) for s in shares) == len(rows)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_workers_read_disjoint_complete_data(dataset, world_size):
+    cfg, index = dataset
+    rows = np.arange(len(index))
+    everything = _keys(_images(make_dataset(index, rows, PLAIN, 16, training=False)))
+    per_rank = [_keys(_images(make_dataset(index, worker_rows(rows, r, world_size), PLAIN, 16, training=False)))
+                for r in range(world_size)]
+    assert len(everything) == len(index) == 40
+    assert sorted(k for keys in per_rank for k in keys) == everything  # complete, nothing twice
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not set(per_rank[a]) & set(per_rank[b])  # disjoint
+
+
+def test_validation_is_plain_ordered_and_complete(dataset):
+    cfg, index = dataset
+    val = split_rows(load_folds(cfg.dataset_dir, 2, 42), 0, training=False)
+    augmenting = PipelineConfig(batch_size=3, augment=AugmentConfig(rotation=0.3, zoom=0.3, contrast=0.3))
+    ds = make_dataset(index, val, augmenting, 16, training=False)
+    first, second = _images(ds), _images(ds)
+    labels = np.concatenate([y.numpy() for _, y in ds])
+    assert len(first) == len(val)  # batch 3 does not divide it evenly: nothing dropped
+    np.testing.assert_array_equal(first, second)  # no augmentation, same order every pass
+    np.testing.assert_array_equal(labels, index.labels[val])
+    stored = _keys(_images(make_dataset(index, val, PLAIN, 16, training=False)))
+    assert _keys(first) == stored
+
+
+def test_training_is_augmented(dataset):
+    cfg, index = dataset
+    rows = np.arange(len(index))
+    stored = set(_keys(_images(make_dataset(index, rows, PLAIN, 16, training=False))))
+    plain = make_dataset(index, rows, PLAIN, 16, training=True, seed=1)
+    plain_keys = _keys(_images(plain.take(10)))
+    assert set(plain_keys) <= stored  # augmentation off: training sees stored images
+    augmented = make_dataset(index, rows, PipelineConfig(batch_size=4), 16, training=True, seed=1)
+    aug_keys = _keys(_images(augmented.take(10)))
+    assert len(aug_keys) == 40
+    assert sum(k in stored for k in aug_keys) < 20  # default augmentation changes most images
+
+
+def test_training_stream_is_endless_and_reshuffled(dataset):
+    cfg, index = dataset
+    rows = np.arange(len(index))
+    # Buffer of 1: the order is the per-pass shard and row permutation alone.
+    cfg = PipelineConfig(batch_size=4, shuffle_buffer=1, augment=NO_AUGMENT)
+    images = _images(make_dataset(index, rows, cfg, 16, training=True, seed=3).take(30))
+    assert len(images) == 120  # 40 rows, three passes
+    passes = [images[i * 40:(i + 1) * 40] for i in range(3)]
+    stored = _keys(_images(make_dataset(index, rows, PLAIN, 16, training=False)))
+    assert all(_keys(p) == stored for p in passes)  # each pass is every row once
+    assert not np.array_equal(passes[0], passes[1])  # in a new order
+
+
+def test_steps_per_epoch_equal_on_all_ranks():
+    assert steps_per_epoch(101, 2, 10) == 5  # the smallest share, 50 rows, makes 5 batches
+    assert steps_per_epoch(101, 2, 16) == 4
+    assert steps_per_epoch(5, 3, 64) == 1
+
+
+def test_empty_rows(dataset):
+    _, index = dataset
+    with pytest.raises(ValueError, match="no rows"):
+        make_dataset(index, np.array([], dtype=np.int64), PLAIN, 16, training=False)
+    with pytest.raises(ValueError, match="rank must be in"):
+        worker_rows(np.arange(4), 2, 2)
