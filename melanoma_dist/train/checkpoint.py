@@ -2,8 +2,9 @@
 
 At the end of every epoch rank 0 writes `resume/last.weights.h5` (model weights
 and optimizer state), `resume/best.weights.h5` when val_loss improved, and
-`resume/state.json` (the next epoch, plus the early-stopping and
-learning-rate-plateau counters). A restarted fold loads them, so patience, the
+`resume/state.json` (the next epoch, the early-stopping and
+learning-rate-plateau counters, and a fingerprint of the config, so that a
+checkpoint is never loaded into a different model). A restarted fold loads them, so patience, the
 best weights so far and the learning rate carry over as if it had never stopped.
 Files are written under a temporary name and renamed: a crash mid-write leaves
 the previous checkpoint intact.
@@ -85,17 +86,18 @@ class FoldCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, resume_dir: str | Path, early_stopping: ResumableEarlyStopping,
-                 reduce_lr: ResumableReduceLROnPlateau) -> None:
+                 reduce_lr: ResumableReduceLROnPlateau, config_key: str) -> None:
         super().__init__()
         self.dir = Path(resume_dir)
         self.early_stopping, self.reduce_lr = early_stopping, reduce_lr
+        self.config_key = config_key
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.early_stopping.best_epoch == epoch:
             _save_weights(self.model, self.dir / BEST)
         _save_weights(self.model, self.dir / LAST)
-        state = {"epoch": epoch + 1, "early_stopping": self.early_stopping.state(),
+        state = {"epoch": epoch + 1, "config_key": self.config_key, "early_stopping": self.early_stopping.state(),
                  "reduce_lr": self.reduce_lr.state()}
         tmp = self.dir / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")

@@ -14,6 +14,7 @@ Outputs in `<output_dir>/fold-<K>/`: `model.keras`, `history.csv`,
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -45,6 +46,15 @@ METRICS_FILE = "metrics.json"
 def fold_dir(output_dir: str | Path, fold: int) -> Path:
     """Result folder of one fold."""
     return Path(output_dir) / f"fold-{fold}"
+
+
+def resume_key(cfg: Config) -> str:
+    """Fingerprint of what a checkpoint depends on; more epochs or other workers may still resume."""
+    d = cfg.to_dict()
+    for volatile in ("epochs", "verbose"):
+        d["train"].pop(volatile)
+    d.pop("distributed")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -92,7 +102,9 @@ def compile_model(cfg: Config, num_classes: int, learning_rate: float, seed: int
     model.compile(
         optimizer=optimizer,
         loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.AUC(name="auc")] if binary else ["accuracy"])
+        metrics=["accuracy", keras.metrics.AUC(name="auc")] if binary else ["accuracy"],
+        # Horovod's allreduce ops cannot run inside XLA clusters; Keras would pick XLA on GPUs.
+        jit_compile=False)
     return model
 
 
@@ -146,6 +158,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
                             seed=cfg.train.seed + 7919 * ctx.rank)
     val_ds = make_dataset(data.index, my_val, cfg.pipeline, data.image_size, training=False)
     steps = steps_per_epoch(len(data.train_rows), ctx.size, cfg.pipeline.batch_size)
+    val_steps = math.ceil(len(my_val) / cfg.pipeline.batch_size)  # one exact pass over this rank's share
 
     model = compile_model(cfg, num_classes, cfg.train.learning_rate, cfg.train.seed)
     # Horovod: start every rank from rank 0's weights.
@@ -153,6 +166,9 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     # A restarted fold resumes: every rank reads the same checkpoint from the shared output dir.
     resume_dir = out / "resume"
     state = ckpt.load_state(resume_dir)
+    if state and state.get("config_key") != resume_key(cfg):
+        raise ValueError(f"{resume_dir} holds a checkpoint of another configuration (model, data or training "
+                         f"settings differ): use another output_dir, or delete {out} to start this fold afresh")
     best_weights = None
     if state:
         hk.build_optimizer(model)  # create the optimizer variables, so the checkpoint restores them
@@ -179,15 +195,16 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
         early_stopping,
     ]
     if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
-        callbacks += [ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr),
-                      keras.callbacks.CSVLogger(str(out / "history.csv"), append=bool(state))]
+        callbacks += [keras.callbacks.CSVLogger(str(out / "history.csv"), append=bool(state)),
+                      ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg))]
     weights = (class_weights(data.index.labels[data.train_rows], num_classes)
                if cfg.train.class_weight == "balanced" else None)
     initial_epoch = state["epoch"] if state else 0
     if initial_epoch < cfg.train.epochs:
-        # shuffle=False: the dataset shuffles itself; explicit validation_steps: one exact pass.
+        # shuffle=False: the dataset shuffles itself. Keras keeps one validation iterator
+        # across epochs when validation_steps is given: repeat() + exact steps = one full pass each epoch.
         model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                  validation_data=val_ds, validation_steps=math.ceil(len(my_val) / cfg.pipeline.batch_size),
+                  validation_data=val_ds.repeat(), validation_steps=val_steps,
                   shuffle=False, class_weight=weights, callbacks=callbacks,
                   verbose=cfg.train.verbose if ctx.is_chief else 0)
     # Score with the best epoch's weights (the same on every rank: val_loss is averaged).
@@ -195,7 +212,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
         model.set_weights(early_stopping.best_weights)
 
     # Score the full fold: each rank predicts its share, rank 0 gets them all.
-    my_probs = probabilities(model.predict(val_ds, verbose=0), num_classes)
+    my_probs = probabilities(model.predict(val_ds, steps=val_steps, verbose=0), num_classes)
     all_rows = hk.allgather_rows(my_val)
     all_probs = hk.allgather_rows(my_probs)
     if not ctx.is_chief:
@@ -210,7 +227,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     model.save(out / "model.keras")
     _write_predictions(out / "predictions.csv", data, rows, probs)
     metrics.update(extra or {})
-    metrics.update(fold=fold, workers=ctx.size, host=socket.gethostname(),
+    metrics.update(fold=fold, resumed_from_epoch=initial_epoch, workers=ctx.size, host=socket.gethostname(),
                    epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=early_stopping.best_epoch + 1,
                    wall_time_s=round(time.time() - start, 1))
     tmp = out / (METRICS_FILE + ".tmp")

@@ -1,0 +1,139 @@
+"""One fold, end to end through the CLI: real HAM10000 images, real Horovod (1 and 2 ranks)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from melanoma_dist.cli import main
+from melanoma_dist.data.folds import load_folds
+from melanoma_dist.data.pipeline import RowIndex
+from melanoma_dist.train.fold import class_weights
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAINING = {
+    "folds": {"k": 2, "seed": 0},
+    "pipeline": {"batch_size": 8, "shuffle_buffer": 64},
+    "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8, "dropout": 0.0},
+    "train": {"epochs": 2, "learning_rate": 0.01, "warmup_epochs": 0, "verbose": 0},
+}
+
+
+def write_config(tmp: Path, data: dict, **sections) -> Path:
+    raw = {"data": data, **json.loads(json.dumps(TINY_TRAINING)), "output_dir": str(tmp / "out")}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ham_config(ham_subset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = {"sources": [{"kind": "ham10000", "path": str(ham_subset), "name": "ham"}],
+            "dataset_dir": str(tmp / "dataset"), "label_scheme": "ham7", "image_size": 32, "ingest_workers": 1}
+    return tmp, write_config(tmp, data)
+
+
+def test_class_weights():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w[0] == pytest.approx(4 / 9) and w[1] == pytest.approx(4 / 3) and w[2] == 0.0
+
+
+def test_cli_train_one_fold_end_to_end(ham_config, capsys):
+    tmp, config = ham_config
+    assert main(["train", "--config", str(config), "--fold", "1"]) == 0  # ingests, makes folds, trains
+    out = tmp / "out" / "fold-1"
+    assert {p.name for p in out.iterdir()} >= {"model.keras", "history.csv", "predictions.csv", "metrics.json"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == metrics["accuracy"]
+
+    # The whole validation fold is scored, each image once, with the 7 HAM classes.
+    folds = load_folds(tmp / "dataset", 2, 0)
+    index = RowIndex.load(tmp / "dataset")
+    expected_ids = sorted(index.image_ids[folds == 1])
+    with (out / "predictions.csv").open() as f:
+        preds = list(csv.DictReader(f))
+    assert sorted(r["image_id"] for r in preds) == expected_ids
+    assert metrics["num_samples"] == len(expected_ids) and len(metrics["confusion_matrix"]) == 7
+    assert "melanoma_roc_auc" in metrics and metrics["epochs_run"] == 2
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(expected_ids)
+    with (out / "history.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
+
+    # The saved model reproduces the stored probabilities.
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    from melanoma_dist.data.pipeline import decode_image
+    from melanoma_dist.data.shards import read_columns
+
+    table = read_columns(tmp / "dataset", ["image_id", "image"])
+    by_id = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
+    x = np.stack([decode_image(by_id[r["image_id"]], 32).numpy() for r in preds[:4]])
+    stored = np.array([[float(r[f"prob_{c}"]) for c in metrics["class_names"]] for r in preds[:4]])
+    np.testing.assert_allclose(model.predict(x, verbose=0), stored, atol=1e-5)
+
+
+def test_rerun_resumes_and_extends(ham_config):
+    tmp, config = ham_config
+    out = tmp / "out" / "fold-1"
+    if not (out / "metrics.json").exists():
+        pytest.skip("needs test_cli_train_one_fold_end_to_end")
+    assert main(["train", "--config", str(config), "--fold", "1", "--set", "train.epochs=3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 2 and metrics["epochs_run"] == 3
+    with (out / "history.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1", "2"]
+    # A checkpoint is never loaded into a different model.
+    assert main(["train", "--config", str(config), "--fold", "1", "--set", "model.dense_units=4"]) == 2
+
+
+def test_cli_errors(tmp_path, capsys):
+    missing = {"sources": [{"kind": "ham10000", "path": str(tmp_path / "nowhere")}],
+               "dataset_dir": str(tmp_path / "ds")}
+    assert main(["train", "--config", str(write_config(tmp_path, missing)), "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "HAM10000_metadata.csv" in err
+    assert main(["train", "--config", str(write_config(tmp_path, missing)), "--fold", "0",
+                 "--set", "train.epochs=-1"]) == 2
+    assert "train.epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_wrong_fold_and_image_size(ham_config, capsys):
+    tmp, config = ham_config
+    assert main(["train", "--config", str(config), "--fold", "2"]) == 2
+    assert "fold must be in [0, 2)" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--fold", "0", "--set", "data.image_size=48"]) == 2
+    assert "image_size=32" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_horovodrun_two_ranks_score_the_whole_fold(ham_config, tmp_path):
+    """`horovodrun -np 2 --gloo melanoma-dist train`: two real ranks, one set of outputs from rank 0."""
+    tmp, config = ham_config
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
+               TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = tmp_path / "hvd-out"
+    cmd = [str(horovodrun), "-np", "2", "--gloo", "-H", "localhost:2", str(Path(sys.executable).parent / "melanoma-dist"),
+           "train", "--config", str(config), "--fold", "0", "--set", f"output_dir={out}"]
+    # Under horovodrun the dataset and folds must exist already: the module fixture's ingest made them.
+    if not (tmp / "dataset" / "folds" / "k2-seed0.parquet").exists():
+        pytest.skip("needs the dataset made by test_cli_train_one_fold_end_to_end")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "fold-0" / "metrics.json").read_text())
+    folds = load_folds(tmp / "dataset", 2, 0)
+    assert metrics["workers"] == 2 and metrics["num_samples"] == int((folds == 0).sum())
+    with (out / "fold-0" / "predictions.csv").open() as f:
+        ids = [r["image_id"] for r in csv.DictReader(f)]
+    assert len(ids) == len(set(ids)) == int((folds == 0).sum())
