@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -25,13 +24,9 @@ from typing import Callable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from melanoma_dist.config import Config, ConfigError, load_config  # noqa: E402
-
-logger = logging.getLogger("melanoma_dist")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+from melanoma_dist.cli_evidence import EVIDENCE_COMMANDS, add_evidence_arguments  # noqa: E402
+from melanoma_dist.launch import add_launch_arguments, cmd_launch  # noqa: E402
+from melanoma_dist.log import setup_logging  # noqa: E402
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
@@ -106,7 +101,11 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "folds": (cmd_folds, "(re)make the cross-validation folds and check them for leakage"),
     "train": (cmd_train, "train and score one fold (ingests and makes folds first if needed)"),
     "cv": (cmd_cv, "cross-validate: every fold a Horovod group, scheduled on a Ray cluster"),
+    "launch": (cmd_launch, "run `cv` here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
 }
+
+
+COMMANDS.update(EVIDENCE_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cv":
             p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
             p.add_argument("--folds", help="comma-separated folds to run (default: all)")
+        if name == "launch":
+            add_launch_arguments(p)
+        add_evidence_arguments(name, p)  # report, audit, export, evaluate, predict
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         return COMMANDS[args.command][0](cfg, args)

@@ -208,8 +208,9 @@ class TrainConfig:
     """Train in mixed_float16 (GPU only; ignored with a warning on CPU)."""
     seed: int = 1234
     """Seed for weights, shuffling and augmentation."""
-    verbose: int = 2
-    """Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch."""
+    verbose: int = 0
+    """Keras fit verbosity: 0 silent (melanoma-dist logs one line per epoch and fold), 1 progress bar,
+    2 Keras's own line per epoch."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

@@ -73,3 +73,23 @@ def test_make_and_load_folds(tmp_path):
     assert len(folds) == 40 and set(folds) == {0, 1, 2}
     with pytest.raises(FileNotFoundError, match="melanoma-dist folds"):
         load_folds(cfg.dataset_dir, 4, 42)
+
+
+def test_real_ham_lesions_stay_together(ham_subset, tmp_path):
+    """Real HAM10000 lesions with several images: every lesion lands in exactly one fold."""
+    from melanoma_dist.config import DataConfig, SourceConfig
+    from melanoma_dist.data import shards
+    from melanoma_dist.data.ingest import ingest
+
+    cfg = DataConfig(sources=(SourceConfig(kind="ham10000", path=str(ham_subset)),),
+                     dataset_dir=str(tmp_path / "ds"), label_scheme="ham7", image_size=16, ingest_workers=1)
+    ingest(cfg, progress=False)
+    summary = make_folds(cfg.dataset_dir, 3, seed=1)
+    assert summary["leakage"]["clean"]
+    table = shards.read_columns(cfg.dataset_dir, ["group"])
+    groups = table["group"].to_pylist()
+    folds = load_folds(cfg.dataset_dir, 3, 1)
+    multi = {g for g in groups if groups.count(g) > 1}
+    assert len(multi) >= 5  # the subset really has lesions with several images
+    for g in multi:
+        assert len({int(f) for f, gg in zip(folds, groups) if gg == g}) == 1

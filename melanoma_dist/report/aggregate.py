@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from melanoma_dist.metrics import classification_metrics
-from melanoma_dist.train.fold import METRICS_FILE, fold_dir
+from melanoma_dist.results import METRICS_FILE, PREDICTIONS_FILE, fold_dir
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def aggregate_cv(output_dir: str | Path, k: int, melanoma_index: int | None = No
     oof: list[dict] = []
     fields: list[str] = []
     for fold in sorted(per_fold):
-        rows, fields = _read_predictions(fold_dir(out, fold) / "predictions.csv")
+        rows, fields = _read_predictions(fold_dir(out, fold) / PREDICTIONS_FILE)
         oof += [dict(r, fold=fold) for r in rows]
     ids = [r["image_id"] for r in oof]
     if len(set(ids)) != len(ids):
@@ -102,25 +102,30 @@ def aggregate_cv(output_dir: str | Path, k: int, melanoma_index: int | None = No
     return summary
 
 
+TABLE_METRICS = {True: ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"),
+                 False: ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "melanoma_roc_auc")}
+"""Metrics shown on the terminal, for binary (True) and multi-class schemes; the files hold all."""
+
+
 def format_table(output_dir: str | Path, summary: dict) -> str:
-    """The per-fold table and the aggregate as aligned text, for the terminal."""
+    """The per-fold table, mean ± sd and pooled out-of-fold metrics as aligned text."""
     with (Path(output_dir) / "cv_folds.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    cols = ["fold", "num_samples"] + [c for c in summary["mean_std"]] + ["epochs_run", "node_id", "wall_time_s"]
+    binary = len(summary["pooled_oof"]["class_names"]) == 2
+    shown = [m for m in TABLE_METRICS[binary] if m in summary["mean_std"]]
 
-    def cell(v: object) -> str:
+    def num(v: object, digits: int = 4) -> str:
         try:
-            x = float(v)  # type: ignore[arg-type]
-            return f"{x:.4f}" if not x.is_integer() else str(int(x))
+            return f"{float(v):.{digits}f}"  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            return str(v)[:12] if v not in (None, "") else "-"
+            return "-"
 
-    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
-    ms = summary["mean_std"]
-    table.append(["mean±sd", ""] + [f"{ms[c]['mean']:.4f}±{ms[c]['std']:.4f}" if ms[c]["std"] is not None
-                                    else cell(ms[c]["mean"]) for c in summary["mean_std"]] + ["", "", ""])
-    pooled = summary["pooled_oof"]
-    table.append(["pooled", str(pooled["num_samples"])] + [cell(pooled.get(c)) for c in summary["mean_std"]]
-                 + ["", "", ""])
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(wd) for v, wd in zip(row, widths)) for row in table)
+    ms, pooled = summary["mean_std"], summary["pooled_oof"]
+    table = [["fold", "images"] + shown + ["epochs", "node", "seconds"]]
+    table += [[r["fold"], r["num_samples"]] + [num(r.get(m)) for m in shown]
+              + [r.get("epochs_run", ""), (r.get("node_id") or "-")[:8], num(r.get("wall_time_s"), 0)]
+              for r in rows]
+    table.append(["mean±sd", ""] + [f"{num(ms[m]['mean'])}±{num(ms[m]['std'])}" for m in shown] + ["", "", ""])
+    table.append(["pooled", str(pooled["num_samples"])] + [num(pooled.get(m)) for m in shown] + ["", "", ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table)

@@ -28,6 +28,7 @@ from melanoma_dist import labels as label_schemes
 from melanoma_dist.config import Config, config_from_dict
 from melanoma_dist.data import shards
 from melanoma_dist.data.prepare import prepare
+from melanoma_dist.log import setup_logging
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
 from melanoma_dist.schedule.horovod_group import GroupSpec, run_horovod_group
 
@@ -40,8 +41,7 @@ def _fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
 
     from melanoma_dist.train.fold import train_fold
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     return train_fold(config_from_dict(cfg_dict), fold,
                       extra={"node_id": ray.get_runtime_context().get_node_id(), "attempts": attempt})
 
@@ -88,6 +88,8 @@ def _connect(address: str) -> tuple[str, bool]:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS", "")
+    # Each fold logs its own progress lines; Ray's de-duplication would fold them together.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         return "the Ray this process already joined", False
     if address:
@@ -107,7 +109,8 @@ def run_fold_with_retries(cfg: Config, fold: int, spec: GroupSpec) -> dict:
     """Train one fold as a Horovod group, starting again (and resuming) when it fails."""
     attempts = cfg.distributed.max_retries + 1
     for attempt in range(1, attempts + 1):
-        logger.info("fold %d: starting %d worker(s) (attempt %d of %d)", fold, spec.num_workers, attempt, attempts)
+        logger.info("fold %d: requesting %d worker(s) from Ray (attempt %d of %d); it starts when they are placed",
+                    fold, spec.num_workers, attempt, attempts)
         try:
             results = run_horovod_group(_fold_worker, [cfg.to_dict(), fold, attempt], spec)
             return results[0]  # rank 0 holds the metrics

@@ -35,18 +35,12 @@ from melanoma_dist.data import shards
 from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, steps_per_epoch, worker_rows
 from melanoma_dist.distributed import horovod_keras as hk
 from melanoma_dist.metrics import classification_metrics
+from melanoma_dist.results import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
 from melanoma_dist.model.cnn import build_model, probabilities
 from melanoma_dist.train import checkpoint as ckpt
+from melanoma_dist.train.progress import EpochProgress
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-
-
-def fold_dir(output_dir: str | Path, fold: int) -> Path:
-    """Result folder of one fold."""
-    return Path(output_dir) / f"fold-{fold}"
-
 
 def resume_key(cfg: Config) -> str:
     """Fingerprint of what a checkpoint depends on; more epochs or other workers may still resume."""
@@ -148,8 +142,9 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     out = fold_dir(cfg.output_dir, fold)
     if ctx.is_chief:
         out.mkdir(parents=True, exist_ok=True)
-        logger.info("fold %d: %d training / %d validation images, %d worker(s), %s",
-                    fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname())
+        logger.info("fold %d: %d training / %d validation images, %d worker(s), host %s%s",
+                    fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname(),
+                    f", node {str(extra['node_id'])[:8]}" if extra and "node_id" in extra else "")
 
     # Horovod: each rank reads a disjoint share; shuffling/augmentation seeds differ per rank.
     my_train = worker_rows(data.train_rows, ctx.rank, ctx.size)
@@ -195,7 +190,8 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
         early_stopping,
     ]
     if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
-        callbacks += [keras.callbacks.CSVLogger(str(out / "history.csv"), append=bool(state)),
+        callbacks += [EpochProgress(fold, cfg.train.epochs),
+                      keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=bool(state)),
                       ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg))]
     weights = (class_weights(data.index.labels[data.train_rows], num_classes)
                if cfg.train.class_weight == "balanced" else None)
@@ -224,8 +220,8 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     metrics = classification_metrics(data.index.labels[rows], probs, data.class_names,
                                      label_schemes.melanoma_index(cfg.data.label_scheme)
                                      if num_classes > 2 else None)
-    model.save(out / "model.keras")
-    _write_predictions(out / "predictions.csv", data, rows, probs)
+    model.save(out / MODEL_FILE)
+    _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
     metrics.update(extra or {})
     metrics.update(fold=fold, resumed_from_epoch=initial_epoch, workers=ctx.size, host=socket.gethostname(),
                    epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=early_stopping.best_epoch + 1,

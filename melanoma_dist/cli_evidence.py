@@ -1,0 +1,178 @@
+"""The evidence and inference commands of `melanoma-dist`: report, audit, export, evaluate, predict.
+
+    melanoma-dist report   runs/quick-cpu                       # report.html/.json + model_card.md
+    melanoma-dist audit    --config configs/quick-cpu.yaml --external runs/isic2017-test-64
+    melanoma-dist export   runs/quick-cpu --target-sensitivity 0.9 --tta   # -> runs/quick-cpu/export
+    melanoma-dist evaluate runs/quick-cpu/export runs/isic2017-test-64
+    melanoma-dist predict  runs/quick-cpu/export lesion.jpg photos/ --csv out.csv --json out.json
+
+`cli.py` registers these commands (`EVIDENCE_COMMANDS`) and their arguments
+(`add_evidence_arguments`). Heavy imports (TensorFlow, matplotlib) happen inside the
+commands, so `melanoma-dist --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from melanoma_dist.config import Config
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_TARGET = 0.90
+_DEFAULT_BITS = 4
+_DEFAULT_N_BOOT = 2000
+
+
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def _bits(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 64] (bits of the 64-bit dHash), got {text}")
+    return v
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.report.build import headline, write_report
+
+    paths = write_report(args.result_dir, args.out, args.target_sensitivity, args.near_dup_bits, args.n_boot)
+    ev = json.loads(paths["json"].read_text())
+    print(headline(ev))
+    print(f"report: {paths['html']}\nsummary: {paths['json']}\nmodel card: {paths['model_card']}")
+    return 0
+
+
+def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.data.folds import folds_path
+    from melanoma_dist.report.audit import ImageSet, audit_set, audit_train_test
+
+    dataset = Path(args.dataset or cfg.data.dataset_dir)
+    has_folds = folds_path(dataset, cfg.folds.k, cfg.folds.seed).is_file()
+    train = ImageSet.from_dataset(dataset, folds=(cfg.folds.k, cfg.folds.seed) if has_folds else None)
+    result = {"dataset": audit_set(train, args.near_dup_bits), "external": []}
+    ex, near = result["dataset"]["exact"], result["dataset"]["near"]
+    print(f"{dataset} ({len(train)} images{f', folds k={cfg.folds.k} seed={cfg.folds.seed}' if has_folds else ''}):"
+          f"\n  exact duplicates: {ex['sets']} sets, {ex['images']} images"
+          + (f", {ex['sets_across_folds']} sets across folds" if has_folds else "")
+          + f"\n  near duplicates (<= {args.near_dup_bits} bits): {near['pairs']} pairs, "
+            f"{near['pairs_different_groups']} between different lesion ids"
+          + (f", {near['pairs_across_folds']} across folds" if has_folds else ""))
+    if has_folds:
+        print("  folds: " + ("clean" if result["dataset"]["clean"] else "POSSIBLE LEAKAGE across folds"))
+    for ext in args.external or []:
+        test = ImageSet.from_dataset(ext)
+        a = audit_train_test(train, test, args.near_dup_bits)
+        result["external"].append(a)
+        print(f"{ext} ({a['num_test']} images) vs training: {a['exact_duplicates']} identical, "
+              f"{a['near_duplicates']} near-identical (<= {args.near_dup_bits} bits): {a['flagged']} test images "
+              f"to remove for a duplicate-free evaluation")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"audit written to {args.json}")
+    return 0
+
+
+def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.inference.export import export_model
+
+    try:
+        out = export_model(args.result_dir, args.out, args.target_sensitivity, args.tta, args.near_dup_bits,
+                           args.n_boot)
+    except FileExistsError as e:
+        print(f"melanoma-dist export: error: {e}", file=sys.stderr)
+        return 2
+    spec = json.loads((out / "model.json").read_text())
+    print(f"exported {len(spec['members'])} fold models to {out}: T={spec['calibration']['temperature']:.3f}, "
+          f"{spec['decision_class']} threshold {spec['operating_point']['threshold']:.4f} "
+          f"(out-of-fold sensitivity {spec['operating_point']['oof_sensitivity']:.3f}, specificity "
+          f"{spec['operating_point']['oof_specificity']}), TTA {'on' if spec['ensemble']['tta'] else 'off'}")
+    return 0
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.inference.evaluate import evaluate, summary_lines
+
+    ev = evaluate(args.model, args.data, args.out, args.tta, args.near_dup_bits, args.n_boot)
+    print(summary_lines(ev))
+    out = Path(args.out) if args.out else Path(args.model) / "evaluations" / ev["dataset_name"]
+    print(f"evaluation written to {out / 'evaluation.json'}; model card updated in {args.model}")
+    return 0
+
+
+def cmd_predict(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.inference.ensemble import Ensemble
+    from melanoma_dist.inference.predict import DISCLAIMER, format_table, predict_files, write_csv, write_json
+
+    model = Ensemble.load(args.model)
+    results = predict_files(model, args.inputs, tta=args.tta)
+    print(f"*** {DISCLAIMER} ***\n")
+    print(format_table(results, model))
+    errors = sum(not r.ok for r in results)
+    print(f"\n{len(results) - errors} file(s) scored, {errors} error(s).")
+    if args.csv:
+        print(f"CSV: {write_csv(results, model, args.csv)}")
+    if args.json:
+        print(f"JSON: {write_json(results, model, args.json, args.tta)}")
+    return 1 if errors else 0
+
+
+EVIDENCE_COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
+    "report": (cmd_report, "HTML/JSON report and model card of a cross-validation result directory"),
+    "audit": (cmd_audit, "exact and near-duplicate images within the dataset, across folds, and vs external sets"),
+    "export": (cmd_export, "package the fold models of a finished run as one calibrated ensemble (model dir)"),
+    "evaluate": (cmd_evaluate, "evaluate an exported model on an external ingested dataset"),
+    "predict": (cmd_predict, "score image files or folders with an exported model (not a medical device)"),
+}
+
+
+def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    """Add the arguments of evidence command `name` to its sub-parser (no-op for other commands)."""
+    def common(report_like: bool) -> None:
+        p.add_argument("--near-dup-bits", type=_bits, default=None if not report_like else _DEFAULT_BITS,
+                       help="near-duplicate threshold: dHash Hamming distance <= this many of 64 bits "
+                            f"(default {_DEFAULT_BITS}{'' if report_like else ', or the one stored with the model'})")
+        p.add_argument("--n-boot", type=int, default=_DEFAULT_N_BOOT,
+                       help=f"bootstrap replicates for confidence intervals (default {_DEFAULT_N_BOOT})")
+
+    if name in ("report", "export"):
+        p.add_argument("result_dir", type=Path, help="output_dir of a `melanoma-dist cv` run")
+        p.add_argument("--out", type=Path, help="where to write (default: RESULT_DIR/report or RESULT_DIR/export)")
+        p.add_argument("--target-sensitivity", type=_fraction, default=_DEFAULT_TARGET,
+                       help="melanoma sensitivity the decision threshold is chosen for on the out-of-fold "
+                            f"predictions (default {_DEFAULT_TARGET})")
+        common(True)
+        if name == "export":
+            p.add_argument("--tta", action="store_true",
+                           help="store horizontal-flip test-time augmentation as the model's default")
+    elif name == "audit":
+        p.add_argument("--dataset", type=Path, help="dataset dir to audit (default: data.dataset_dir of the config)")
+        p.add_argument("--external", type=Path, action="append", metavar="DATASET_DIR",
+                       help="an ingested external test set to compare with the dataset (repeatable)")
+        p.add_argument("--near-dup-bits", type=_bits, default=_DEFAULT_BITS,
+                       help=f"near-duplicate threshold in dHash bits of 64 (default {_DEFAULT_BITS})")
+        p.add_argument("--json", type=Path, help="also write the full audit to this JSON file")
+    elif name == "evaluate":
+        p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
+        p.add_argument("data", type=Path, help="an ingested dataset directory (e.g. the ISIC 2017 test split)")
+        p.add_argument("--out", type=Path, help="where to write (default: MODEL/evaluations/<dataset name>)")
+        p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                       help="horizontal-flip test-time augmentation (default: the model's setting)")
+        common(False)
+    elif name == "predict":
+        p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
+        p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+        p.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
+        p.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
+        p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                       help="horizontal-flip test-time augmentation (default: the model's setting)")

@@ -1,0 +1,16 @@
+"""Where a run's results live: the layout of an output directory (no heavy imports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRICS_FILE = "metrics.json"
+"""Written last by a fold: its presence marks the fold as done."""
+PREDICTIONS_FILE = "predictions.csv"
+HISTORY_FILE = "history.csv"
+MODEL_FILE = "model.keras"
+
+
+def fold_dir(output_dir: str | Path, fold: int) -> Path:
+    """Result folder of one fold: `<output_dir>/fold-<fold>`."""
+    return Path(output_dir) / f"fold-{fold}"
