@@ -1,0 +1,1 @@
+"""Inference with an exported model: the ensemble, external evaluation and prediction on files."""

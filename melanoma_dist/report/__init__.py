@@ -1,0 +1,1 @@
+"""Aggregation and reporting of cross-validation results."""

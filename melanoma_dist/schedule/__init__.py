@@ -1,0 +1,1 @@
+"""Cross-validation folds scheduled on Ray."""
