@@ -4,7 +4,7 @@
     melanoma-dist folds  --config configs/quick-cpu.yaml --set folds.k=10
     melanoma-dist train  --config configs/quick-cpu.yaml --fold 0  # one fold (ingests first if needed)
     melanoma-dist cv     --config configs/quick-cpu.yaml           # all folds, Horovod groups placed by Ray
-    melanoma-dist cv     --config ... --address ray://head:10001  # on an existing cluster (or RAY_ADDRESS)
+    melanoma-dist cv     --config ... --address HEAD_IP:6379      # from a node of an existing cluster (or RAY_ADDRESS)
     horovodrun -np 2 --gloo melanoma-dist train --config ... --fold 0   # the same fold on 2 workers
 
 Every command takes `--config FILE` and any number of `--set section.key=value`
@@ -109,7 +109,9 @@ COMMANDS.update(EVIDENCE_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melanoma-dist", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="melanoma-dist", description="Distributed training and cross-validation of a melanoma CNN "
+                                     "(Ray schedules folds, Horovod trains each, tf.data over Parquet).",
+                                     epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
