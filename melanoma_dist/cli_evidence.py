@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_TARGET = 0.90
 _DEFAULT_BITS = 4
+_DEFAULT_CORR = 0.97
 _DEFAULT_N_BOOT = 2000
 
 
@@ -43,10 +44,26 @@ def _bits(text: str) -> int:
     return v
 
 
+def _correlation(text: str) -> float | str | None:
+    if text.lower() in ("none", "off"):
+        return None
+    if text == "model":  # evaluate's default: the setting stored with the model
+        return text
+    v = float(text)
+    if not -1 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [-1, 1], or none to skip the confirmation, got {text}")
+    return v
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.report.build import headline, write_report
 
-    paths = write_report(args.result_dir, args.out, args.target_sensitivity, args.near_dup_bits, args.n_boot)
+    paths = write_report(args.result_dir, args.out, args.target_sensitivity, args.near_dup_bits, args.n_boot,
+                         near_dup_corr=args.near_dup_corr)
     ev = json.loads(paths["json"].read_text())
     print(headline(ev))
     print(f"report: {paths['html']}\nsummary: {paths['json']}\nmodel card: {paths['model_card']}")
@@ -60,22 +77,23 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
     dataset = Path(args.dataset or cfg.data.dataset_dir)
     has_folds = folds_path(dataset, cfg.folds.k, cfg.folds.seed).is_file()
     train = ImageSet.from_dataset(dataset, folds=(cfg.folds.k, cfg.folds.seed) if has_folds else None)
-    result = {"dataset": audit_set(train, args.near_dup_bits), "external": []}
+    result = {"dataset": audit_set(train, args.near_dup_bits, args.near_dup_corr), "external": []}
     ex, near = result["dataset"]["exact"], result["dataset"]["near"]
     print(f"{dataset} ({len(train)} images{f', folds k={cfg.folds.k} seed={cfg.folds.seed}' if has_folds else ''}):"
           f"\n  exact duplicates: {ex['sets']} sets, {ex['images']} images"
           + (f", {ex['sets_across_folds']} sets across folds" if has_folds else "")
-          + f"\n  near duplicates (<= {args.near_dup_bits} bits): {near['pairs']} pairs, "
+          + f"\n  near-duplicate candidates (dHash <= {args.near_dup_bits} bits): {near['candidate_pairs']} pairs"
+            f"\n  near duplicates ({near['method']}): {near['pairs']} pairs, "
             f"{near['pairs_different_groups']} between different lesion ids"
           + (f", {near['pairs_across_folds']} across folds" if has_folds else ""))
     if has_folds:
         print("  folds: " + ("clean" if result["dataset"]["clean"] else "POSSIBLE LEAKAGE across folds"))
     for ext in args.external or []:
         test = ImageSet.from_dataset(ext)
-        a = audit_train_test(train, test, args.near_dup_bits)
+        a = audit_train_test(train, test, args.near_dup_bits, args.near_dup_corr)
         result["external"].append(a)
         print(f"{ext} ({a['num_test']} images) vs training: {a['exact_duplicates']} identical, "
-              f"{a['near_duplicates']} near-identical (<= {args.near_dup_bits} bits): {a['flagged']} test images "
+              f"{a['near_duplicates']} near-identical ({a['method']}): {a['flagged']} test images "
               f"to remove for a duplicate-free evaluation")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -88,7 +106,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
     try:
         out = export_model(args.result_dir, args.out, args.target_sensitivity, args.tta, args.near_dup_bits,
-                           args.n_boot)
+                           args.n_boot, near_dup_corr=args.near_dup_corr)
     except FileExistsError as e:
         print(f"melanoma-dist export: error: {e}", file=sys.stderr)
         return 2
@@ -96,14 +114,15 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
     print(f"exported {len(spec['members'])} fold models to {out}: T={spec['calibration']['temperature']:.3f}, "
           f"{spec['decision_class']} threshold {spec['operating_point']['threshold']:.4f} "
           f"(out-of-fold sensitivity {spec['operating_point']['oof_sensitivity']:.3f}, specificity "
-          f"{spec['operating_point']['oof_specificity']}), TTA {'on' if spec['ensemble']['tta'] else 'off'}")
+          f"{_fmt(spec['operating_point']['oof_specificity'])}), TTA {'on' if spec['ensemble']['tta'] else 'off'}")
     return 0
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.inference.evaluate import evaluate, summary_lines
 
-    ev = evaluate(args.model, args.data, args.out, args.tta, args.near_dup_bits, args.n_boot)
+    ev = evaluate(args.model, args.data, args.out, args.tta, args.near_dup_bits, args.n_boot,
+                  near_dup_corr=args.near_dup_corr)
     print(summary_lines(ev))
     out = Path(args.out) if args.out else Path(args.model) / "evaluations" / ev["dataset_name"]
     print(f"evaluation written to {out / 'evaluation.json'}; model card updated in {args.model}")
@@ -142,6 +161,10 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--near-dup-bits", type=_bits, default=None if not report_like else _DEFAULT_BITS,
                        help="near-duplicate threshold: dHash Hamming distance <= this many of 64 bits "
                             f"(default {_DEFAULT_BITS}{'' if report_like else ', or the one stored with the model'})")
+        p.add_argument("--near-dup-corr", type=_correlation, default=_DEFAULT_CORR if report_like else "model",
+                       help="confirm a near-duplicate candidate when the correlation of the two 16x16 thumbnails "
+                            f"is >= this; 'none' keeps every dHash candidate (default {_DEFAULT_CORR}"
+                            f"{'' if report_like else ', or the one stored with the model'})")
         p.add_argument("--n-boot", type=int, default=_DEFAULT_N_BOOT,
                        help=f"bootstrap replicates for confidence intervals (default {_DEFAULT_N_BOOT})")
 
@@ -160,7 +183,10 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--external", type=Path, action="append", metavar="DATASET_DIR",
                        help="an ingested external test set to compare with the dataset (repeatable)")
         p.add_argument("--near-dup-bits", type=_bits, default=_DEFAULT_BITS,
-                       help=f"near-duplicate threshold in dHash bits of 64 (default {_DEFAULT_BITS})")
+                       help=f"near-duplicate candidates: dHash distance in bits of 64 (default {_DEFAULT_BITS})")
+        p.add_argument("--near-dup-corr", type=_correlation, default=_DEFAULT_CORR,
+                       help="confirm a candidate when its 16x16 thumbnail correlation is >= this; 'none' keeps "
+                            f"every candidate (default {_DEFAULT_CORR})")
         p.add_argument("--json", type=Path, help="also write the full audit to this JSON file")
     elif name == "evaluate":
         p.add_argument("model", type=Path, help="an exported model directory (with model.json)")

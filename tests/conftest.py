@@ -109,3 +109,29 @@ def real_jpeg(shared_data: Path) -> Path:
 # ============================================================================
 # End of ingest-stage fixtures.
 # ============================================================================
+
+
+# ============================================================================
+# Evidence-stage fixtures (report, export, evaluate, predict tests).
+# One tiny real cross-validation run per session (see tests/cv_result.py).
+# ============================================================================
+
+@pytest.fixture(scope="session")
+def cv_result(tmp_path_factory: pytest.TempPathFactory):
+    """A finished 2-fold run on generated images (`tests.cv_result.CVRun`); treat it as read-only."""
+    pytest.importorskip("ray")
+    from tests.cv_result import make_cv_result
+
+    return make_cv_result(tmp_path_factory.mktemp("cv_result"))
+
+
+@pytest.fixture(scope="session")
+def exported_model(cv_result, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `cv_result` run exported as a model directory (no TTA); treat it as read-only."""
+    from melanoma_dist.inference.export import export_model
+
+    return export_model(cv_result.result_dir, tmp_path_factory.mktemp("export") / "model", n_boot=200)
+
+# ============================================================================
+# End of evidence-stage fixtures.
+# ============================================================================

@@ -156,7 +156,9 @@ def _image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence[st
         return
     # Chunks big enough to amortise inter-process traffic, small enough to balance load.
     chunksize = max(1, min(32, len(paths) // (workers * 8)))
-    with multiprocessing.Pool(workers) as pool:  # leaving the block terminates the workers
+    # "spawn", not fork: the caller may already run threads (TensorFlow, Ray, Horovod), and a
+    # forked child inherits their locks in whatever state they were, which can hang it.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving the block ends the workers
         yield pool.imap(prepare, paths, chunksize=chunksize)
 
 

@@ -1,0 +1,169 @@
+"""`melanoma-dist export`: package a cross-validation run as one inference model.
+
+Reads the run's K fold models and out-of-fold predictions, fits the temperature and the
+decision threshold on those predictions (`report.calibration`), and writes the model
+directory described in `inference.ensemble` (fold models, model.json, model card,
+evidence). The directory is built beside its target and moved in place at the end, so an
+interrupted export leaves no half-written model; an earlier export at the same place is
+replaced (its evaluations with it: they belong to the old model).
+
+Example:
+
+```python
+model_dir = export_model("runs/quick-cpu", target_sensitivity=0.9, tta=True)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from melanoma_dist.data import shards
+from melanoma_dist.inference.ensemble import (FORMAT, FORMAT_VERSION, MODEL_JSON, NORMALISATION, Ensemble,
+                                              ModelDirError)
+from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS
+from melanoma_dist.report.bootstrap import DEFAULT_N_BOOT
+from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY
+from melanoma_dist.report.evidence import summarize
+from melanoma_dist.report.model_card import render_model_card
+from melanoma_dist.report.result import CONFIG_FILE, RUN_MANIFEST, CVResult, ResultError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPORT_DIR = "export"
+"""Default model directory, inside the result directory."""
+
+
+def _input_spec(result: CVResult) -> dict[str, Any]:
+    """Preprocessing of the training images: the run's data config, checked against the dataset manifest."""
+    data = result.config["data"]
+    spec = {"image_size": int(data["image_size"]), "channels": 3, "resize": data.get("resize", "crop"),
+            "encoding": data.get("encoding", "jpeg"), "jpeg_quality": int(data.get("jpeg_quality", 95)),
+            "normalisation": NORMALISATION,
+            "steps": "decode, EXIF-orient, RGB; centre-crop (or pad) to a square; bilinear resize; "
+                     "re-encode as at ingest; decode; / 255"}
+    try:
+        manifest = shards.load_manifest(result.dataset_dir)
+    except (FileNotFoundError, ValueError):
+        return spec
+    for key in ("image_size", "resize", "encoding", "jpeg_quality"):
+        if key in manifest and manifest[key] != spec[key]:
+            logger.warning("the dataset manifest says %s=%r but the run's config says %r: using the manifest's",
+                           key, manifest[key], spec[key])
+            spec[key] = manifest[key]
+    return spec
+
+
+def build_model_json(result: CVResult, ev: dict, members: list[str], tta: bool,
+                     near_dup_bits: int = DEFAULT_NEAR_DUP_BITS,
+                     near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> dict[str, Any]:
+    """The `model.json` of an export (see `inference.ensemble`)."""
+    cal, op = ev["calibration"], ev["operating_point"]
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "members": members, "folds": [fr.fold for fr in result.folds],
+        "label_scheme": result.label_scheme, "class_names": list(result.class_names),
+        "decision_index": result.decision_index, "decision_class": result.decision_class,
+        "output": "sigmoid (1 unit, P(class 1))" if len(result.class_names) == 2 else "softmax",
+        "input": _input_spec(result),
+        "ensemble": {"method": "mean over members (and views) of temperature-scaled probabilities "
+                               "softmax(log p / T)", "tta": bool(tta),
+                     "tta_views": ["identity", "horizontal flip"] if tta else ["identity"]},
+        "calibration": {"method": "temperature scaling on log-probabilities", "temperature": cal["temperature"],
+                        "fitted_on": f"pooled out-of-fold predictions of {cal['num_samples']} images",
+                        "ece_before": cal["before"]["ece"], "ece_after": cal["after"]["ece"],
+                        "brier_before": cal["before"]["brier"], "brier_after": cal["after"]["brier"],
+                        "n_bins": cal["n_bins"]},
+        "operating_point": {"threshold": op["threshold"], "target_sensitivity": op["target_sensitivity"],
+                            "rule": f"{result.decision_class} if P({result.decision_class}) >= threshold",
+                            "oof_sensitivity": op["sensitivity"], "oof_specificity": op["specificity"],
+                            "chosen_on": op["chosen_on"]},
+        "near_duplicates": {"max_bits": near_dup_bits, "min_correlation": near_dup_corr},
+        "provenance": {"result_dir": ev["provenance"]["result_dir"], "dataset_dir": str(result.dataset_dir),
+                       "data_manifest_sha256": ev["provenance"]["data_manifest_sha256"],
+                       "config_sha256": ev["provenance"]["config_sha256"],
+                       "seeds": ev["provenance"]["seeds"], "versions": ev["provenance"]["versions"]},
+    }
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_JSON).is_file())):
+        raise FileExistsError(f"{out} exists and is not an exported model (no {MODEL_JSON}); export replaces "
+                              f"its target, so choose another --out or remove it")
+
+
+def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
+                 target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, tta: bool = False,
+                 near_dup_bits: int = DEFAULT_NEAR_DUP_BITS, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                 near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> Path:
+    """Export the K fold models of a finished run as one calibrated ensemble.
+
+    Args:
+        result_dir: The `output_dir` of a finished `melanoma-dist cv` run.
+        out_dir: The model directory to write. Defaults to `None` (`<result_dir>/export`).
+        target_sensitivity: Decision-class sensitivity of the stored threshold. Defaults to `0.90`.
+        tta: Store horizontal-flip test-time augmentation as the default. Defaults to `False`.
+        near_dup_bits: Near-duplicate candidates (dHash bits) of the audits. Defaults to `4`.
+        n_boot: Bootstrap replicates for the card's intervals. Defaults to `2000`.
+        seed: Bootstrap seed. Defaults to `0`.
+        near_dup_corr: Thumbnail correlation confirming a near duplicate (None: dHash only);
+            stored in model.json for `evaluate`. Defaults to `0.97`.
+
+    Returns:
+        The model directory.
+
+    Raises:
+        ResultError: the run is missing, unfinished (some fold has no model) or inconsistent.
+        FileExistsError: `out_dir` exists and is not an exported model.
+        ModelDirError: a fold model's shape does not match the run's classes or image size.
+    """
+    result = CVResult.load(result_dir)
+    if not result.complete:
+        raise ResultError(f"folds {result.missing_folds} of {result.result_dir} have not finished: an ensemble "
+                          f"needs every fold; finish the run with `melanoma-dist cv --config "
+                          f"{result.result_dir / CONFIG_FILE}` (finished folds are kept)")
+    absent = [str(fr.model_path) for fr in result.folds if not fr.model_path.is_file()]
+    if absent:
+        raise ResultError(f"fold model(s) {absent} are missing: re-run those folds")
+    out = Path(out_dir) if out_dir is not None else result.result_dir / DEFAULT_EXPORT_DIR
+    _check_replaceable(out)
+    ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)
+    members = [f"folds/fold-{fr.fold}.keras" for fr in result.folds]
+    spec = build_model_json(result, ev, members, tta, near_dup_bits, near_dup_corr)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
+    (tmp / "folds").mkdir(parents=True)
+    try:
+        for fr, member in zip(result.folds, members):
+            shutil.copy2(fr.model_path, tmp / member)
+        for name in (RUN_MANIFEST, CONFIG_FILE):
+            if (result.result_dir / name).is_file():
+                shutil.copy2(result.result_dir / name, tmp / name)
+        (tmp / MODEL_JSON).write_text(json.dumps(spec, indent=2) + "\n")
+        (tmp / "evidence.json").write_text(json.dumps(ev, indent=2) + "\n")
+        (tmp / "model_card.md").write_text(render_model_card(ev, model=spec))
+        Ensemble.load(tmp)  # every member loads and fits model.json
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %d fold models to %s (T=%.3f, threshold %.4f)", len(members), out,
+                spec["calibration"]["temperature"], spec["operating_point"]["threshold"])
+    return out
+
+
+__all__ = ["export_model", "build_model_json", "ModelDirError", "DEFAULT_EXPORT_DIR"]
