@@ -92,11 +92,13 @@ def _connect(address: str) -> tuple[str, bool]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
         return "the Ray this process already joined", False
-    if address:
+    if address:  # a submitted job's runtime_env (working dir, env vars) stays as the job set it
         ray.init(address=address, log_to_driver=True)
         logger.info("connected to the Ray cluster at %s", address)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # Horovod 0.28's Ray workers call an API that Ray 2.58 deprecates: one warning per worker, no news.
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
         logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     return address or "local", True
 
