@@ -54,17 +54,17 @@ def absolute_paths(cfg: Config) -> Config:
 
 
 def _versions() -> dict[str, str]:
-    import horovod
-    import keras
-    import numpy
-    import pyarrow
-    import ray
-    import sklearn
-    import tensorflow as tf
+    """Installed versions of the stack, read from package metadata (importing TensorFlow here
+    would cost the driver seconds and hundreds of MB for nothing)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "horovod": horovod.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
-            "pyarrow": pyarrow.__version__, "scikit-learn": sklearn.__version__}
+    out = {"python": platform.python_version()}
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "horovod", "ray", "numpy", "pyarrow", "scikit-learn"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def write_run_manifest(cfg: Config, ray_address: str) -> Path:
@@ -97,7 +97,8 @@ def _connect(address: str) -> tuple[str, bool]:
         logger.info("connected to the Ray cluster at %s", address)
     else:
         # Horovod 0.28's Ray workers call an API that Ray 2.58 deprecates: one warning per worker, no news.
-        ray.init(include_dashboard=False, log_to_driver=True,
+        # address="local": always a new Ray of our own, never a cluster someone else left running here.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
         logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     return address or "local", True
