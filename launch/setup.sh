@@ -39,5 +39,5 @@ pip install -q --no-deps -e .
 import horovod.tensorflow as hvd, keras, numpy, ray, tensorflow as tf
 print(f"[setup] ok: tensorflow {tf.__version__}, keras {keras.__version__}, "
       f"numpy {numpy.__version__}, ray {ray.__version__}, horovod built with "
-      f"tensorflow={hvd.tensorflow_built()} gloo={hvd.gloo_built()} nccl={hvd.nccl_built()}")
+      f"gloo={hvd.gloo_built()} nccl={hvd.nccl_built()}")
 PY
