@@ -49,6 +49,11 @@ def default_work_dir() -> Path:
     return Path(os.environ.get("MELANOMA_BENCH_WORK_DIR", f"/tmp/melanoma-bench-{os.getuid()}"))
 
 
+def int_list(text: str) -> list[int]:
+    """`"64,128"` -> `[64, 128]`, for comma-separated command-line options."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def base_parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every benchmark takes."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],

@@ -39,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (Report, base_parser, bench_config, child_env, main_guard, median,
+from benchmarks._common import (int_list, Report, base_parser, bench_config, child_env, main_guard, median,
                                 print_environment, ratio, run_child, setup_logging, thread_env)
 
 TARGET_OVERHEAD = 0.05
@@ -48,13 +48,9 @@ TARGET_OVERHEAD = 0.05
 REAL_TRAIN_IMAGES = {"quick-cpu.yaml": 10015 * 4 // 5, "full.yaml": (10015 + 2150) * 4 // 5}
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> Any:
     p = base_parser(__doc__)
-    p.add_argument("--sizes", type=_ints, help="image sizes (default 64,128; smoke 32)")
+    p.add_argument("--sizes", type=int_list, help="image sizes (default 64,128; smoke 32)")
     p.add_argument("--steps", type=int, help="training steps per timed epoch (default 30 at 64 px, 8 above; smoke 2)")
     p.add_argument("--epochs", type=int, help="timed epochs (default 2)")
     p.add_argument("--allreduce-iters", type=int, help="timed allreduce calls (default 50; smoke 5)")

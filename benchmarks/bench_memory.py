@@ -36,19 +36,15 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (Report, base_parser, bench_config, count_images, ensure_dataset, jpeg_tree,
+from benchmarks._common import (int_list, Report, base_parser, bench_config, count_images, ensure_dataset, jpeg_tree,
                                 main_guard, median, print_environment, run_child, setup_logging)
 
 MODES = ("floor", "baseline", "ours")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> Any:
     p = base_parser(__doc__)
-    p.add_argument("--sizes", type=_ints, help="image sizes (default 64,128; smoke 32)")
+    p.add_argument("--sizes", type=int_list, help="image sizes (default 64,128; smoke 32)")
     p.add_argument("--images", type=int, help="HAM10000 images (default all 10,015; smoke 48)")
     p.add_argument("--steps", type=int, help="training steps (default 20; smoke 2)")
     p.add_argument("--val-steps", type=int, help="validation steps in fit (default 5; smoke 1)")

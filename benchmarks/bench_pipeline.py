@@ -49,21 +49,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `melanoma_dist` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (Report, base_parser, bench_config, count_images, dataset_dir, ingest_tree,
+from benchmarks._common import (int_list, Report, base_parser, bench_config, count_images, dataset_dir, ingest_tree,
                                 jpeg_tree, main_guard, median, print_environment, ratio, setup_logging,
                                 tree_bytes)
 
 TARGET_SPEEDUP = 3.0
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> Any:
     p = base_parser(__doc__)
-    p.add_argument("--sizes", type=_ints, help="image sizes in px, comma-separated (default 64,128,224; smoke 32)")
-    p.add_argument("--parallel", type=_ints, help="parallel calls to compare (default 1,2)")
+    p.add_argument("--sizes", type=int_list, help="image sizes in px, comma-separated (default 64,128,224; smoke 32)")
+    p.add_argument("--parallel", type=int_list, help="parallel calls to compare (default 1,2)")
     p.add_argument("--images", type=int, help="HAM10000 images to use (default all 10,015; smoke 48)")
     p.add_argument("--measure-images", type=int, help="images timed per measurement (default 2048; smoke 24)")
     p.add_argument("--train-images", type=int, help="images timed per training measurement (default 128; smoke 8)")
