@@ -78,7 +78,7 @@ def build_for_mode(mode: str, cfg: Any, steps: int, out_dir: Path) -> tuple[Any,
     """The model and callbacks of `mode`: `plain` (Keras + Adam) or `ours` (as train/fold.py does it)."""
     import keras
 
-    from melanoma_dist.model.cnn import build_model
+    from melanoma_dist.model.build import build_model
 
     if mode == "plain":
         model = build_model(cfg.model, cfg.data.image_size, 2, seed=cfg.train.seed)
@@ -89,7 +89,8 @@ def build_for_mode(mode: str, cfg: Any, steps: int, out_dir: Path) -> tuple[Any,
     from melanoma_dist.train import checkpoint as ckpt
     from melanoma_dist.train.fold import compile_model, resume_key
 
-    model = compile_model(cfg, 2, cfg.train.learning_rate, cfg.train.seed)
+    model = compile_model(cfg, build_model(cfg.model, cfg.data.image_size, 2, seed=cfg.train.seed), 2,
+                          cfg.train.learning_rate)
     hk.broadcast_model(model, root_rank=0)
     early = ckpt.ResumableEarlyStopping(state=None, best_weights=None, monitor="val_loss",
                                         patience=cfg.train.early_stopping_patience, restore_best_weights=True)
@@ -130,7 +131,7 @@ def model_costs(cfg: Any) -> dict[str, Any]:
     """Parameters, gradient bytes and multiply-accumulates per image (forward) of the config's CNN."""
     import keras
 
-    from melanoma_dist.model.cnn import build_model
+    from melanoma_dist.model.build import build_model
 
     model = build_model(cfg.model, cfg.data.image_size, 2)
     macs = 0
@@ -293,7 +294,7 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
         sampler.mark("end")
     elif mode == "baseline":
         from benchmarks.bench_pipeline import baseline_dataset, baseline_eval_dataset
-        from melanoma_dist.model.cnn import build_model
+        from melanoma_dist.model.build import build_model
 
         hk.init_worker(use_gpu=False)  # same libraries loaded as ours
         tree = Path(spec["jpeg_tree"])
@@ -313,7 +314,10 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         hk.init_worker(use_gpu=False)
-        model = fold_mod.compile_model(cfg, 2, cfg.train.learning_rate, cfg.train.seed)
+        from melanoma_dist.model.build import build_model
+
+        model = fold_mod.compile_model(cfg, build_model(cfg.model, cfg.data.image_size, 2, seed=cfg.train.seed), 2,
+                                       cfg.train.learning_rate)
         sampler.mark("fit_start")
         b, s = cfg.pipeline.batch_size, cfg.data.image_size
         model.train_on_batch(np.zeros((b, s, s, 3), np.float32), np.zeros((b,), np.int32))

@@ -91,7 +91,7 @@ def baseline_dataset(tree: Path, cfg: Any, size: int, parallel: int, seed: int,
     import keras
     import tensorflow as tf
 
-    from melanoma_dist.data.pipeline import build_augmenter
+    from melanoma_dist.data.augment import build_augmenter
 
     ds = keras.utils.image_dataset_from_directory(
         str(tree), labels="inferred", label_mode="int", image_size=(size, size),
@@ -151,7 +151,7 @@ def augment_costs(cfg: Any, size: int, batches: int) -> dict[str, float]:
     import numpy as np
     import tensorflow as tf
 
-    from melanoma_dist.data.pipeline import build_augmenter
+    from melanoma_dist.data.augment import build_augmenter
 
     augmenter = build_augmenter(cfg.pipeline.augment, seed=0)
     if augmenter is None:
@@ -214,7 +214,7 @@ def training_rates(cfg: Any, size: int, ours_ds: Any, base_ds: Any, images: int)
     import numpy as np
     import tensorflow as tf
 
-    from melanoma_dist.model.cnn import build_model
+    from melanoma_dist.model.build import build_model
 
     batch = cfg.pipeline.batch_size
     out: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from melanoma_dist.config import Config
+from melanoma_dist.inference.tta import TTA_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
     print(f"exported {len(spec['members'])} fold models to {out}: T={spec['calibration']['temperature']:.3f}, "
           f"{spec['decision_class']} threshold {spec['operating_point']['threshold']:.4f} "
           f"(out-of-fold sensitivity {spec['operating_point']['oof_sensitivity']:.3f}, specificity "
-          f"{_fmt(spec['operating_point']['oof_specificity'])}), TTA {'on' if spec['ensemble']['tta'] else 'off'}")
+          f"{_fmt(spec['operating_point']['oof_specificity'])}), TTA {spec['ensemble']['tta']}")
     return 0
 
 
@@ -176,8 +177,9 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
                             f"predictions (default {_DEFAULT_TARGET})")
         common(True)
         if name == "export":
-            p.add_argument("--tta", action="store_true",
-                           help="store horizontal-flip test-time augmentation as the model's default")
+            p.add_argument("--tta", nargs="?", const="flip", default="none", choices=TTA_MODES,
+                           help="test-time augmentation stored as the model's default: none, flip (the mirror; "
+                                "also `--tta` alone) or dihedral (8 flips and rotations)")
     elif name == "audit":
         p.add_argument("--dataset", type=Path, help="dataset dir to audit (default: data.dataset_dir of the config)")
         p.add_argument("--external", type=Path, action="append", metavar="DATASET_DIR",
@@ -192,13 +194,18 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
         p.add_argument("data", type=Path, help="an ingested dataset directory (e.g. the ISIC 2017 test split)")
         p.add_argument("--out", type=Path, help="where to write (default: MODEL/evaluations/<dataset name>)")
-        p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="horizontal-flip test-time augmentation (default: the model's setting)")
+        _tta_option(p)
         common(False)
     elif name == "predict":
         p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
         p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
         p.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
         p.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")
-        p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="horizontal-flip test-time augmentation (default: the model's setting)")
+        _tta_option(p)
+
+
+def _tta_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_MODES,
+                   help="test-time augmentation: none, flip (also `--tta` alone) or dihedral (8 flips and "
+                        "rotations); default: the model's setting")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")

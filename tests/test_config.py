@@ -7,7 +7,8 @@ from melanoma_dist.config import Config, ConfigError, config_from_dict, load_con
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quick-cpu.yaml", "full.yaml"])
+@pytest.mark.parametrize("name", ["quick-cpu.yaml", "full.yaml", "pretrained-cpu.yaml", "pretrained-gpu.yaml",
+                                  "ham7-cpu.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.data.sources and cfg.data.sources[0].kind == "ham10000"
@@ -44,6 +45,14 @@ INVALID_CASES = [
     (["data.sources=[{kind: folder, path: x, splits: [train]}]"], "splits is only for kind 'csv'"),
     (["train.epochs"], "must look like section.key=value"),
     (["data.sources.3.path=x"], "index '3' out of range"),
+    (["train.learning_rate=.inf"], "train.learning_rate must be a finite number"),
+    (["train.learning_rate=.nan"], "train.learning_rate must be a finite number"),
+    (["model.backbone=resnet50"], "model.backbone must be one of ['simple_cnn', 'efficientnet_lite0'"),
+    (["model.fine_tune_blocks=-2"], "model.fine_tune_blocks must be >= -1"),
+    (["train.monitor=val_auc"], "train.monitor must be one of ['auto', 'val_loss', 'val_roc_auc'"),
+    (["train.lr_schedule=step"], "train.lr_schedule must be one of ['plateau', 'cosine']"),
+    (["train.min_lr_ratio=2"], "train.min_lr_ratio must be in [0, 1]"),
+    (["data.color_constancy=retinex"], "data.color_constancy must be one of ['none', 'shades_of_gray']"),
 ]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from melanoma_dist.inference.ensemble import Ensemble
-from melanoma_dist.model.cnn import probabilities
+from melanoma_dist.model.build import probabilities
 from melanoma_dist.report.calibration import apply_temperature
 
 pytestmark = pytest.mark.integration
@@ -29,6 +29,11 @@ def test_predict_is_the_mean_of_calibrated_members_and_tta_adds_the_flip(exporte
     np.testing.assert_allclose(got.sum(axis=1), 1.0)
     flipped, _ = _manual(exported_model, model.spec, x[:, :, ::-1, :])
     np.testing.assert_allclose(model.predict(x, tta=True), (want + flipped) / 2, atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, tta="flip"), (want + flipped) / 2, atol=1e-6)
+    # Dihedral: the mean over the 4 rotations of the image and of its mirror.
+    dihedral = [_manual(exported_model, model.spec, np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))))[0]
+                for v in (x, x[:, :, ::-1, :]) for k in range(4)]
+    np.testing.assert_allclose(model.predict(x, tta="dihedral"), np.mean(dihedral, axis=0), atol=1e-6)
     np.testing.assert_array_equal(model.decide(got), got[:, 1] >= model.threshold)
     assert model.predict(x[:0]).shape == (0, 2)
 

@@ -77,10 +77,10 @@ def test_evaluate_isic_subset_with_the_melanoma_scheme(model_copy, isic_subset, 
                      ingest_workers=1)
     ingest(cfg, progress=False)
     assert main(["evaluate", str(model_copy), cfg.dataset_dir, "--out", str(tmp_path / "ev"),
-                 "--n-boot", "100", "--tta"]) == 0
+                 "--n-boot", "100", "--tta", "dihedral"]) == 0
     ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert ev["metrics"]["all"]["num_samples"] == 12 and ev["metrics"]["all"]["num_positives"] == 6
-    assert ev["audit_vs_training"]["flagged"] == 0 and ev["tta"] is True
+    assert ev["audit_vs_training"]["flagged"] == 0 and ev["tta"] == "dihedral"
     assert ev["data_sources"][0]["licence"].startswith("ISIC")
     assert "ROC-AUC" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ def test_model_dir_contents(exported_model, cv_result):
     assert spec["members"] == ["folds/fold-0.keras", "folds/fold-1.keras"]
     assert spec["class_names"] == ["other", "melanoma"] and spec["decision_index"] == 1
     assert spec["input"] == {**spec["input"], "image_size": 16, "resize": "crop", "encoding": "png", "channels": 3}
-    assert spec["ensemble"]["tta"] is False and spec["near_duplicates"] == {"max_bits": 4, "min_correlation": 0.97}
+    assert spec["ensemble"]["tta"] == "none" and spec["near_duplicates"] == {"max_bits": 4, "min_correlation": 0.97}
     for name in ("model_card.md", "evidence.json", "run_manifest.json", "config.yaml"):
         assert (exported_model / name).is_file()
     assert "Artifact: an ensemble of the 2 fold models" in (exported_model / "model_card.md").read_text()
@@ -36,9 +36,9 @@ def test_export_cli_with_tta_and_refusals(cv_result, tmp_path):
     assert main(["export", str(cv_result.result_dir), "--out", str(out), "--tta", "--target-sensitivity", "0.8",
                  "--n-boot", "20"]) == 0
     spec = json.loads((out / MODEL_JSON).read_text())
-    assert spec["ensemble"]["tta"] is True and spec["operating_point"]["target_sensitivity"] == 0.8
+    assert spec["ensemble"]["tta"] == "flip" and spec["operating_point"]["target_sensitivity"] == 0.8
     assert main(["export", str(cv_result.result_dir), "--out", str(out), "--n-boot", "20"]) == 0  # replaced
-    assert json.loads((out / MODEL_JSON).read_text())["ensemble"]["tta"] is False
+    assert json.loads((out / MODEL_JSON).read_text())["ensemble"]["tta"] == "none"
     assert not list(tmp_path.glob(".m.*"))  # no leftovers of the swap
     other = tmp_path / "not-a-model"
     other.mkdir()

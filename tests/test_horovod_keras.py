@@ -185,6 +185,16 @@ def test_warmup_scaled_lr_without_warmup_and_size_one() -> None:
     np.testing.assert_allclose(recorder.lrs, [0.01] * 8, rtol=1e-6)
 
 
+def test_warmup_then_cosine_decay_per_batch() -> None:
+    # base 0.01 x 2 workers, 1 warm-up epoch of 4 batches, cosine over epochs 2-3 (8 batches) to 10 %.
+    recorder, _ = _fit_lr([hk.WarmupScaledLR(0.01, warmup_epochs=1, size=2, cosine_epochs=3, min_ratio=0.1)],
+                          epochs=3)
+    warmup = [0.01 * (1 + b / 4) for b in range(4)]
+    cosine = [0.02 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t / 8))) for t in range(8)]
+    np.testing.assert_allclose(recorder.lrs, warmup + cosine, rtol=1e-6)
+    assert recorder.lrs[4] == pytest.approx(0.02) and recorder.lrs[-1] < 0.005
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"base_lr": 0.0, "warmup_epochs": 1}, "base_lr must be > 0"),
     ({"base_lr": 0.1, "warmup_epochs": -1}, "warmup_epochs must be >= 0"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from melanoma_dist.data.images import BadImageError, dhash, prepare_image, to_rgb
+from melanoma_dist.data.images import BadImageError, dhash, prepare_image, shades_of_gray, to_rgb
 
 
 def _save(im: Image.Image, path, fmt=None, **kw):
@@ -154,3 +154,19 @@ def test_decompression_bomb(tmp_path, monkeypatch, pixels):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(BadImageError, match="decompression bomb"):
         prepare_image(path, size=16)
+
+
+def test_shades_of_gray_removes_a_colour_cast_deterministically(real_jpeg, tmp_path):
+    grey = Image.fromarray(np.tile(np.arange(0, 250, 10, dtype=np.uint8)[:, None, None], (1, 25, 3)))
+    np.testing.assert_array_equal(np.asarray(shades_of_gray(grey)), np.asarray(grey))  # no cast: unchanged
+    lesion = np.asarray(Image.open(real_jpeg).convert("RGB")).astype(float)
+    cast = Image.fromarray(np.clip(lesion * [1.0, 0.8, 0.6], 0, 255).astype(np.uint8))  # a warm camera
+    balanced = np.asarray(shades_of_gray(cast)).astype(float)
+    ratio = lambda a: a.reshape(-1, 3).mean(0) / a.reshape(-1, 3).mean()  # noqa: E731
+    assert np.ptp(ratio(balanced)) < 0.5 * np.ptp(ratio(np.asarray(cast).astype(float)))
+    a = prepare_image(real_jpeg, 32, color_constancy="shades_of_gray")
+    b = prepare_image(real_jpeg, 32, color_constancy="shades_of_gray")
+    assert a.data == b.data != prepare_image(real_jpeg, 32).data
+    assert a.pixel_sha256 == prepare_image(real_jpeg, 32).pixel_sha256  # hashes are of the original
+    with pytest.raises(ValueError, match="color_constancy must be"):
+        prepare_image(real_jpeg, 32, color_constancy="grey_world")

@@ -137,3 +137,58 @@ def test_horovodrun_two_ranks_score_the_whole_fold(ham_config, tmp_path):
     with (out / "fold-0" / "predictions.csv").open() as f:
         ids = [r["image_id"] for r in csv.DictReader(f)]
     assert len(ids) == len(set(ids)) == int((folds == 0).sum())
+
+
+def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(ham_subset, tmp_path):
+    """Head-only epoch, then the head conv unfrozen; a rerun with more epochs resumes into phase 2."""
+    from melanoma_dist.config import load_config
+    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist.model.build import backbone_of, build_model, set_backbone_trainable
+    from melanoma_dist.train import checkpoint as ckpt
+    from melanoma_dist.train.fold import compile_model
+
+    data = {"sources": [{"kind": "ham10000", "path": str(ham_subset), "name": "ham"}],
+            "dataset_dir": str(tmp_path / "dataset"), "label_scheme": "melanoma", "image_size": 32,
+            "ingest_workers": 1}
+    config = write_config(tmp_path, data,
+                          model={"backbone": "efficientnet_lite0", "pretrained": True, "fine_tune_blocks": 1,
+                                 "dense_units": 0},
+                          train={"epochs": 1, "head_epochs": 1, "optimizer": "adamw", "weight_decay": 1e-4,
+                                 "lr_schedule": "cosine", "learning_rate": 0.003})
+    out = tmp_path / "out" / "fold-0"
+    pretrained = build_model(load_config(config).model, 32, 2)
+
+    def last_checkpoint(epochs: int):
+        cfg = load_config(config, [f"train.epochs={epochs}"])
+        model = build_model(cfg.model, 32, 2)
+        set_backbone_trainable(model, cfg.model, ckpt.load_state(out / "resume")["phase"])
+        compile_model(cfg, model, 2, cfg.train.learning_rate)
+        hk.build_optimizer(model)
+        model.load_weights(out / "resume" / ckpt.LAST)
+        return backbone_of(model)
+
+    def same(a, b, layer):
+        return all(np.array_equal(x, y) for x, y in zip(a.get_layer(layer).get_weights(),
+                                                        b.get_layer(layer).get_weights()))
+
+    assert main(["train", "--config", str(config), "--fold", "0"]) == 0
+    assert ckpt.load_state(out / "resume")["phase"] == 0
+    backbone = last_checkpoint(1)
+    assert same(backbone, backbone_of(pretrained), "head_conv") and same(backbone, backbone_of(pretrained), "stem_conv")
+
+    assert main(["train", "--config", str(config), "--fold", "0", "--set", "train.epochs=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs_run"] == 2
+    assert ckpt.load_state(out / "resume")["phase"] == 1
+    backbone = last_checkpoint(2)
+    assert not same(backbone, backbone_of(pretrained), "head_conv")  # unfrozen in phase 2 ...
+    assert same(backbone, backbone_of(pretrained), "stem_conv")  # ... the rest stays frozen,
+    assert all(same(backbone, backbone_of(pretrained), layer.name)  # and so does every BatchNorm
+               for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+    with (out / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and all(0 <= float(r["val_roc_auc"]) <= 1 for r in rows)
+    # The kept epoch is the best whole-fold ROC-AUC, and the fold's ROC-AUC is that epoch's.
+    best = max(range(2), key=lambda e: float(rows[e]["val_roc_auc"]))
+    assert metrics["best_epoch"] == best + 1
+    assert metrics["roc_auc"] == pytest.approx(float(rows[best]["val_roc_auc"]), abs=1e-6)

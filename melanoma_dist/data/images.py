@@ -72,7 +72,8 @@ class PreparedImage:
 
 
 def prepare_image(path: str | Path, size: int, resize: Literal["crop", "pad"] = "crop",
-                  encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> PreparedImage:
+                  encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95,
+                  color_constancy: Literal["none", "shades_of_gray"] = "none") -> PreparedImage:
     """Decode an image file, hash it, make it a `size`x`size` RGB square and encode it.
 
     Args:
@@ -81,13 +82,20 @@ def prepare_image(path: str | Path, size: int, resize: Literal["crop", "pad"] = 
         resize: `crop` to the centred square, or `pad` to a square with black. Defaults to `"crop"`.
         encoding: `jpeg` or `png`. Defaults to `"jpeg"`.
         jpeg_quality: JPEG quality (1-100). Defaults to `95`.
+        color_constancy: `shades_of_gray` white-balances the resized image (see
+            `shades_of_gray`); `none` keeps its colours. Defaults to `"none"`.
 
     Raises:
         BadImageError: the file is empty, not an image, truncated or corrupt, a
             decompression bomb, or smaller than 8 px on a side.
     """
     rgb = load_rgb(path)
-    return PreparedImage(data=encode(square(rgb, size, resize), encoding, jpeg_quality),
+    small = square(rgb, size, resize)
+    if color_constancy == "shades_of_gray":
+        small = shades_of_gray(small)
+    elif color_constancy != "none":
+        raise ValueError(f"color_constancy must be 'none' or 'shades_of_gray', got {color_constancy!r}")
+    return PreparedImage(data=encode(small, encoding, jpeg_quality),
                          pixel_sha256=pixel_sha256(rgb), phash=dhash(rgb),
                          width=rgb.width, height=rgb.height)
 
@@ -200,6 +208,26 @@ def square(rgb: Image.Image, size: int, resize: Literal["crop", "pad"] = "crop")
         padded.paste(rgb, ((side - w) // 2, (side - h) // 2))
         return padded.resize((size, size), Image.Resampling.BILINEAR)
     raise ValueError(f"resize must be 'crop' or 'pad', got {resize!r}")
+
+
+def shades_of_gray(rgb: Image.Image, power: int = 6) -> Image.Image:
+    """Shades of Gray colour constancy (Finlayson & Trezzi, 2004), as used for dermoscopy by Barata et al.
+
+    Estimates the illuminant as the Minkowski p-norm mean of each channel and
+    divides it out, so that images from cameras and lighting with different colour
+    casts look alike. A grey image is unchanged; the result is deterministic.
+
+    Args:
+        rgb: An RGB image.
+        power: The Minkowski norm p (1 = grey world, infinity = max-RGB). Defaults to `6`.
+    """
+    a = np.asarray(rgb, dtype=np.float64)
+    illuminant = np.power(np.mean(np.power(a, power), axis=(0, 1)), 1.0 / power)
+    norm = float(np.sqrt(np.sum(illuminant ** 2)))
+    if norm == 0.0:  # an all-black image has no colour cast to remove
+        return rgb
+    gain = norm / (np.sqrt(3.0) * np.maximum(illuminant, 1e-6))
+    return Image.fromarray(np.rint(np.clip(a * gain, 0, 255)).astype(np.uint8))
 
 
 def encode(rgb: Image.Image, encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> bytes:

@@ -74,7 +74,8 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     try:
         prepare = functools.partial(_prepare, size=cfg.image_size, resize=cfg.resize,
-                                    encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality)
+                                    encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality,
+                                    color_constancy=cfg.color_constancy)
         paths = [r.path for r in records]
         start = time.perf_counter()
         kept: list[int] = []  # indices of records that decoded, in row order
@@ -135,10 +136,12 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _prepare(path: str, size: int, resize: str, encoding: str, jpeg_quality: int) -> PreparedImage | str:
+def _prepare(path: str, size: int, resize: str, encoding: str, jpeg_quality: int,
+             color_constancy: str) -> PreparedImage | str:
     """Worker: the prepared image, or the reason it is skipped (exceptions do not cross the pool)."""
     try:
-        return prepare_image(path, size, resize=resize, encoding=encoding, jpeg_quality=jpeg_quality)
+        return prepare_image(path, size, resize=resize, encoding=encoding, jpeg_quality=jpeg_quality,
+                             color_constancy=color_constancy)
     except BadImageError as e:
         return e.reason
 
@@ -204,6 +207,7 @@ def _manifest(cfg: DataConfig, records: Sequence[SourceRecord], labels: Sequence
         "resize": cfg.resize,
         "encoding": cfg.encoding,
         "jpeg_quality": cfg.jpeg_quality,
+        "color_constancy": cfg.color_constancy,
         "rows_per_shard": cfg.rows_per_shard,
         "num_shards": len(shards),
         "shards": list(shards),

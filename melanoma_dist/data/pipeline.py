@@ -24,10 +24,10 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
-import keras
 
-from melanoma_dist.config import AugmentConfig, PipelineConfig
+from melanoma_dist.config import PipelineConfig
 from melanoma_dist.data import shards
+from melanoma_dist.data.augment import build_augmenter
 
 logger = logging.getLogger(__name__)
 
@@ -81,22 +81,6 @@ def worker_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 def steps_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
     """Training batches per epoch, identical on every rank (based on the smallest rank share)."""
     return max(1, math.ceil((num_rows // world_size) / batch_size))
-
-
-def build_augmenter(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
-    """Keras preprocessing layers for training-time augmentation, or None when all are off."""
-    layers: list[keras.layers.Layer] = []
-    if cfg.horizontal_flip or cfg.vertical_flip:
-        mode = "horizontal_and_vertical" if cfg.horizontal_flip and cfg.vertical_flip else (
-            "horizontal" if cfg.horizontal_flip else "vertical")
-        layers.append(keras.layers.RandomFlip(mode, seed=seed))
-    if cfg.rotation > 0:
-        layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 1))
-    if cfg.zoom > 0:
-        layers.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed + 2))
-    if cfg.contrast > 0:
-        layers.append(keras.layers.RandomContrast(cfg.contrast, seed=seed + 3))
-    return keras.Sequential(layers, name="augment") if layers else None
 
 
 def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:

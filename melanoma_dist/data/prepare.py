@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma_dist.config import Config
+from melanoma_dist.config import Config, DataConfig
 from melanoma_dist.data import shards
 from melanoma_dist.data.folds import ensure_folds
 from melanoma_dist.data.ingest import ingest
@@ -24,7 +24,7 @@ def ensure_dataset(cfg: Config) -> dict:
 
     Raises:
         ValueError: no dataset and nothing to ingest, or the existing dataset was
-            made with another image size or label scheme.
+            made with another image size, label scheme, resize, encoding or colour constancy.
     """
     if not (Path(cfg.data.dataset_dir) / shards.MANIFEST).is_file():
         if not cfg.data.sources:
@@ -33,8 +33,9 @@ def ensure_dataset(cfg: Config) -> dict:
         logger.info("no dataset in %s yet: ingesting %d source(s) first", cfg.data.dataset_dir, len(cfg.data.sources))
         return ingest(cfg.data)
     manifest = shards.load_manifest(cfg.data.dataset_dir)
-    for key in ("image_size", "label_scheme"):
-        if manifest.get(key) != getattr(cfg.data, key):
+    for key in ("image_size", "label_scheme", "resize", "encoding", "color_constancy"):
+        # Datasets written before a setting existed were made with its default.
+        if manifest.get(key, DataConfig.__dataclass_fields__[key].default) != getattr(cfg.data, key):
             raise ValueError(f"the dataset in {cfg.data.dataset_dir} has {key}={manifest.get(key)!r} but the config "
                              f"says data.{key}={getattr(cfg.data, key)!r}: run `melanoma-dist ingest` again, or "
                              f"point data.dataset_dir elsewhere")

@@ -51,6 +51,7 @@ model.fit(x, y, callbacks=[MetricAverageCallback(), WarmupScaledLR(1e-3, 1)])
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -467,6 +468,10 @@ class WarmupScaledLR(keras.callbacks.Callback):
         size: Number of workers. Defaults to `None` (`hvd.size()`).
         steps_per_epoch: Batches per epoch. Defaults to `None` (from `fit`'s params).
         verbose: Log the rate at each epoch boundary of the warm-up. Defaults to `0`.
+        cosine_epochs: After warm-up, decay the rate along a half cosine, per batch, to
+            `min_ratio * base_lr * size` at the end of epoch `cosine_epochs` (the run's
+            total). Defaults to `None` (no decay: the rate stays for ReduceLROnPlateau).
+        min_ratio: Final rate of the cosine decay as a fraction of the peak. Defaults to `0.0`.
 
     Raises:
         ValueError: a negative warm-up or a non-positive rate or size; or (at the
@@ -481,7 +486,8 @@ class WarmupScaledLR(keras.callbacks.Callback):
     """
 
     def __init__(self, base_lr: float, warmup_epochs: int, size: int | None = None,
-                 steps_per_epoch: int | None = None, verbose: int = 0) -> None:
+                 steps_per_epoch: int | None = None, verbose: int = 0, cosine_epochs: int | None = None,
+                 min_ratio: float = 0.0) -> None:
         super().__init__()
         if base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {base_lr}")
@@ -494,6 +500,8 @@ class WarmupScaledLR(keras.callbacks.Callback):
         self.size = size
         self.steps_per_epoch = steps_per_epoch
         self.verbose = verbose
+        self.cosine_epochs = cosine_epochs
+        self.min_ratio = float(min_ratio)
         self._epoch = 0
 
     @property
@@ -528,9 +536,17 @@ class WarmupScaledLR(keras.callbacks.Callback):
         elif self.verbose and epoch < self.warmup_epochs:
             logger.info("epoch %d: warm-up learning rate %.3g", epoch + 1, self.lr_at(epoch, 0))
 
+    def cosine_lr_at(self, epoch: int, batch: int) -> float:
+        """Learning rate of `batch` in `epoch` after warm-up, on the cosine schedule."""
+        span = max(1, (self.cosine_epochs - self.warmup_epochs) * self._steps())
+        t = min(1.0, ((epoch - self.warmup_epochs) * self._steps() + batch) / span)
+        return self.target_lr * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._epoch < self.warmup_epochs:
             self._set(self.lr_at(self._epoch, batch))
+        elif self.cosine_epochs is not None:
+            self._set(self.cosine_lr_at(self._epoch, batch))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if epoch == self.warmup_epochs - 1:

@@ -13,8 +13,8 @@ Format (a directory, written by `melanoma-dist export`):
 The fold models are kept as separate files rather than merged into one Keras graph so
 that each stays inspectable and loadable without custom layers; `Ensemble` does the rest
 in NumPy: each member's probabilities are temperature-scaled (softmax(log p / T)) and the
-scaled probabilities are averaged over members (and over the image and its horizontal
-mirror with test-time augmentation). The decision class is called when its averaged
+scaled probabilities are averaged over members (and over the test-time views of
+`inference.tta`: the mirror, or the 8 flips and rotations). The decision class is called when its averaged
 probability is >= the stored threshold.
 
 Example:
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from melanoma_dist.inference.tta import tta_mode, views
 from melanoma_dist.report.calibration import apply_temperature
 
 logger = logging.getLogger(__name__)
@@ -155,23 +156,25 @@ class Ensemble:
         return int(self.spec["input"]["image_size"])
 
     @property
-    def tta(self) -> bool:
-        return bool(self.spec["ensemble"]["tta"])
+    def tta(self) -> str:
+        """The stored test-time augmentation: `none`, `flip` or `dihedral` (see `inference.tta`)."""
+        return tta_mode(self.spec["ensemble"]["tta"])
 
     # ------------------------------------------------------------ inference
     def _member_probs(self, model: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-        from melanoma_dist.model.cnn import probabilities
+        from melanoma_dist.model.build import probabilities
 
         # Eager calls: no tf.function to retrace for every batch shape and member.
         out = [np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
         return probabilities(np.concatenate(out), len(self.class_names))
 
-    def predict(self, images: np.ndarray, tta: bool | None = None, batch_size: int = 64) -> np.ndarray:
-        """Calibrated class probabilities, averaged over members (and flips with TTA).
+    def predict(self, images: np.ndarray, tta: str | bool | None = None, batch_size: int = 64) -> np.ndarray:
+        """Calibrated class probabilities, averaged over members (and test-time views).
 
         Args:
             images: float32 [N, S, S, 3] in [0, 1] (see `inference.images`).
-            tta: Average with the horizontally mirrored image. Defaults to `None` (model.json's setting).
+            tta: `none`, `flip` (with the mirrored image) or `dihedral` (the 8 symmetries of
+                the square). Defaults to `None` (model.json's setting).
             batch_size: Images per forward pass. Defaults to `64`.
 
         Returns:
@@ -186,13 +189,12 @@ class Ensemble:
             raise ValueError(f"images must have shape [N, {s}, {s}, 3], got {list(x.shape)}")
         if len(x) == 0:
             return np.zeros((0, len(self.class_names)))
-        views = [x, x[:, :, ::-1, :]] if (self.tta if tta is None else tta) else [x]
+        shown = views(x, self.tta if tta is None else tta_mode(tta))
         total = np.zeros((len(x), len(self.class_names)))
         for model in self.members:
-            for v in views:
-                total += apply_temperature(self._member_probs(model, np.ascontiguousarray(v), batch_size),
-                                           self.temperature)
-        return total / (len(self.members) * len(views))
+            for v in shown:
+                total += apply_temperature(self._member_probs(model, v, batch_size), self.temperature)
+        return total / (len(self.members) * len(shown))
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """True where the decision class's probability is >= the stored threshold."""

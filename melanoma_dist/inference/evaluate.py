@@ -37,6 +37,7 @@ import numpy as np
 from melanoma_dist import labels as label_schemes
 from melanoma_dist.data import shards
 from melanoma_dist.data.folds import merge_duplicate_groups
+from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.inference.ensemble import Ensemble
 from melanoma_dist.inference.images import decode
 from melanoma_dist.metrics import classification_metrics
@@ -98,15 +99,16 @@ def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path) -> list[str
             f"{dataset_dir} holds {manifest['image_size']} px images but the model takes {model.image_size} px: "
             f"ingest the test set again with data.image_size={model.image_size} data.resize={spec['resize']}")
     notes = []
-    for key in ("resize", "encoding", "jpeg_quality"):
-        if key in manifest and key in spec and manifest[key] != spec[key]:
+    defaults = {"color_constancy": "none"}  # datasets and models from before the setting existed
+    for key in ("resize", "encoding", "jpeg_quality", "color_constancy"):
+        if manifest.get(key, defaults.get(key)) != spec.get(key, defaults.get(key)):
             notes.append(f"test images were ingested with {key}={manifest[key]!r}, training images with "
                          f"{spec[key]!r}")
             logger.warning("preprocessing differs from training: %s", notes[-1])
     return notes
 
 
-def predict_dataset(model: Ensemble, dataset_dir: str | Path, tta: bool | None = None) -> np.ndarray:
+def predict_dataset(model: Ensemble, dataset_dir: str | Path, tta: str | bool | None = None) -> np.ndarray:
     """Calibrated ensemble probabilities of every image of an ingested dataset, in row order."""
     out = []
     for path in shards.shard_paths(dataset_dir):
@@ -137,7 +139,7 @@ def _statement(audit: dict, n: int) -> str:
 
 
 def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path | None = None,
-             tta: bool | None = None, near_dup_bits: int | None = None, n_boot: int = DEFAULT_N_BOOT,
+             tta: str | bool | None = None, near_dup_bits: int | None = None, n_boot: int = DEFAULT_N_BOOT,
              seed: int = 0, near_dup_corr: float | None | str = "model") -> dict:
     """Evaluate an exported model on an ingested test set; write evaluation.json and figures.
 
@@ -145,7 +147,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
         model_dir: The exported model directory.
         dataset_dir: An ingested dataset (manifest.json + shards).
         out_dir: Where to write. Defaults to `None` (`<model_dir>/evaluations/<dataset name>/`).
-        tta: Test-time augmentation. Defaults to `None` (the model's setting).
+        tta: Test-time augmentation: `none`, `flip` or `dihedral`. Defaults to `None` (the model's setting).
         near_dup_bits: Near-duplicate candidates, dHash bits. Defaults to `None` (the model's, else 4).
         n_boot: Bootstrap replicates. Defaults to `2000`.
         seed: Bootstrap seed. Defaults to `0`.
@@ -212,7 +214,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
         "data_sources": [dict(s, licence=source_licence(s)) for s in manifest["sources"]],
         "model_dir": str(Path(model_dir).resolve()), "model_label_scheme": model.spec["label_scheme"],
         "decision_class": model.decision_class, "threshold": model.threshold,
-        "temperature": model.temperature, "tta": model.tta if tta is None else bool(tta),
+        "temperature": model.temperature, "tta": model.tta if tta is None else tta_mode(tta),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "lesion group (identical images merged)"
                       if use_groups is not None else "image"},
         "statement": _statement(audit, len(y)),

@@ -10,7 +10,7 @@ replaced (its evaluations with it: they belong to the old model).
 Example:
 
 ```python
-model_dir = export_model("runs/quick-cpu", target_sensitivity=0.9, tta=True)
+model_dir = export_model("runs/quick-cpu", target_sensitivity=0.9, tta="dihedral")
 ```
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_dist.data import shards
+from melanoma_dist.inference.tta import tta_mode, view_names
 from melanoma_dist.inference.ensemble import (FORMAT, FORMAT_VERSION, MODEL_JSON, NORMALISATION, Ensemble,
                                               ModelDirError)
 from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS
@@ -45,14 +46,16 @@ def _input_spec(result: CVResult) -> dict[str, Any]:
     data = result.config["data"]
     spec = {"image_size": int(data["image_size"]), "channels": 3, "resize": data.get("resize", "crop"),
             "encoding": data.get("encoding", "jpeg"), "jpeg_quality": int(data.get("jpeg_quality", 95)),
+            "color_constancy": data.get("color_constancy", "none"),
             "normalisation": NORMALISATION,
             "steps": "decode, EXIF-orient, RGB; centre-crop (or pad) to a square; bilinear resize; "
+                     "colour constancy if set; "
                      "re-encode as at ingest; decode; / 255"}
     try:
         manifest = shards.load_manifest(result.dataset_dir)
     except (FileNotFoundError, ValueError):
         return spec
-    for key in ("image_size", "resize", "encoding", "jpeg_quality"):
+    for key in ("image_size", "resize", "encoding", "jpeg_quality", "color_constancy"):
         if key in manifest and manifest[key] != spec[key]:
             logger.warning("the dataset manifest says %s=%r but the run's config says %r: using the manifest's",
                            key, manifest[key], spec[key])
@@ -60,7 +63,7 @@ def _input_spec(result: CVResult) -> dict[str, Any]:
     return spec
 
 
-def build_model_json(result: CVResult, ev: dict, members: list[str], tta: bool,
+def build_model_json(result: CVResult, ev: dict, members: list[str], tta: str | bool,
                      near_dup_bits: int = DEFAULT_NEAR_DUP_BITS,
                      near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> dict[str, Any]:
     """The `model.json` of an export (see `inference.ensemble`)."""
@@ -74,8 +77,8 @@ def build_model_json(result: CVResult, ev: dict, members: list[str], tta: bool,
         "output": "sigmoid (1 unit, P(class 1))" if len(result.class_names) == 2 else "softmax",
         "input": _input_spec(result),
         "ensemble": {"method": "mean over members (and views) of temperature-scaled probabilities "
-                               "softmax(log p / T)", "tta": bool(tta),
-                     "tta_views": ["identity", "horizontal flip"] if tta else ["identity"]},
+                               "softmax(log p / T)", "tta": tta_mode(tta),
+                     "tta_views": view_names(tta_mode(tta))},
         "calibration": {"method": "temperature scaling on log-probabilities", "temperature": cal["temperature"],
                         "fitted_on": f"pooled out-of-fold predictions of {cal['num_samples']} images",
                         "ece_before": cal["before"]["ece"], "ece_after": cal["after"]["ece"],
@@ -100,7 +103,7 @@ def _check_replaceable(out: Path) -> None:
 
 
 def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
-                 target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, tta: bool = False,
+                 target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, tta: str | bool = "none",
                  near_dup_bits: int = DEFAULT_NEAR_DUP_BITS, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                  near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> Path:
     """Export the K fold models of a finished run as one calibrated ensemble.
@@ -109,7 +112,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
         result_dir: The `output_dir` of a finished `melanoma-dist cv` run.
         out_dir: The model directory to write. Defaults to `None` (`<result_dir>/export`).
         target_sensitivity: Decision-class sensitivity of the stored threshold. Defaults to `0.90`.
-        tta: Store horizontal-flip test-time augmentation as the default. Defaults to `False`.
+        tta: The stored test-time augmentation: `none`, `flip` or `dihedral`. Defaults to `"none"`.
         near_dup_bits: Near-duplicate candidates (dHash bits) of the audits. Defaults to `4`.
         n_boot: Bootstrap replicates for the card's intervals. Defaults to `2000`.
         seed: Bootstrap seed. Defaults to `0`.

@@ -1,7 +1,7 @@
 """Turn image files (or stored dataset images) into model input exactly as training saw them.
 
 Training images went through ingest (`data.images.prepare_image`: decode, RGB, centre
-crop or pad to a square, bilinear resize, JPEG or PNG re-encode) and then the pipeline's
+crop or pad to a square, bilinear resize, colour constancy if set, JPEG or PNG re-encode) and then the pipeline's
 `decode_image` (decode, / 255). Files given to `predict` take the same two steps with the
 settings stored in `model.json["input"]`, so a file scored by `predict` gets the same
 pixels it would have had in the training set.
@@ -46,7 +46,7 @@ def load_file(path: str | Path, input_spec: Mapping[str, Any]) -> np.ndarray:
 
     Args:
         path: An image file (any format Pillow reads).
-        input_spec: `model.json["input"]`: image_size, resize, encoding, jpeg_quality.
+        input_spec: `model.json["input"]`: image_size, resize, encoding, jpeg_quality, color_constancy.
 
     Raises:
         BadImageError: the file is empty, not an image, truncated, too small, ... (`reason` says which).
@@ -54,5 +54,6 @@ def load_file(path: str | Path, input_spec: Mapping[str, Any]) -> np.ndarray:
     size = int(input_spec["image_size"])
     prepared = prepare_image(path, size, resize=input_spec.get("resize", "crop"),
                              encoding=input_spec.get("encoding", "jpeg"),
-                             jpeg_quality=int(input_spec.get("jpeg_quality", 95)))
+                             jpeg_quality=int(input_spec.get("jpeg_quality", 95)),
+                             color_constancy=input_spec.get("color_constancy", "none"))
     return decode(prepared.data, size)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from melanoma_dist.data.images import BadImageError
+from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.inference.ensemble import Ensemble
 from melanoma_dist.inference.images import load_file
 
@@ -68,14 +69,14 @@ def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def predict_files(model: Ensemble, inputs: Sequence[str | Path], tta: bool | None = None,
+def predict_files(model: Ensemble, inputs: Sequence[str | Path], tta: str | bool | None = None,
                   batch_size: int = 32) -> list[Prediction]:
     """Score image files (and folders of them) with an exported model.
 
     Args:
         model: The loaded ensemble.
         inputs: Files and folders.
-        tta: Horizontal-flip test-time augmentation. Defaults to `None` (the model's setting).
+        tta: Test-time augmentation: `none`, `flip` or `dihedral`. Defaults to `None` (the model's setting).
         batch_size: Images per forward pass. Defaults to `32`.
 
     Returns:
@@ -147,16 +148,17 @@ def write_csv(results: Sequence[Prediction], model: Ensemble, path: str | Path) 
     return p
 
 
-def to_json(results: Sequence[Prediction], model: Ensemble, tta: bool | None = None) -> dict:
+def to_json(results: Sequence[Prediction], model: Ensemble, tta: str | bool | None = None) -> dict:
     """The predictions with the model's threshold, classes and the disclaimer."""
     return {"disclaimer": DISCLAIMER, "model_dir": str(model.model_dir), "class_names": list(model.class_names),
             "decision_class": model.decision_class, "threshold": model.threshold,
-            "temperature": model.temperature, "tta": model.tta if tta is None else tta,
+            "temperature": model.temperature, "tta": model.tta if tta is None else tta_mode(tta),
             "num_files": len(results), "num_errors": sum(not r.ok for r in results),
             "predictions": [asdict(r) for r in results]}
 
 
-def write_json(results: Sequence[Prediction], model: Ensemble, path: str | Path, tta: bool | None = None) -> Path:
+def write_json(results: Sequence[Prediction], model: Ensemble, path: str | Path,
+               tta: str | bool | None = None) -> Path:
     """Write `to_json` to a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.report.html import DISCLAIMER
 
 
@@ -63,16 +64,15 @@ def render_model_card(ev: Mapping, model: Mapping | None = None, evaluations: Se
     lines += ["## Model", "",
               f"- Task: {ev['label_scheme']} scheme, classes {', '.join(ev['class_names'])}; the decision is "
               f"**{dc}** vs the rest.",
-              f"- Architecture: a plain Keras CNN (conv blocks {model_cfg.get('filters')}, "
-              f"{model_cfg.get('convs_per_block')} conv(s) per block, dense {model_cfg.get('dense_units')}, "
-              f"dropout {model_cfg.get('dropout')}), trained from scratch, {train_cfg.get('epochs')} epochs max "
-              f"with early stopping, class weights {train_cfg.get('class_weight')}.",
+              f"- Architecture: {_architecture_text(model_cfg, train_cfg)}, {train_cfg.get('epochs')} epochs max "
+              f"with early stopping on {train_cfg.get('monitor', 'val_loss')}, class weights "
+              f"{train_cfg.get('class_weight')}.",
               f"- Input: dermoscopic RGB image, centre-{cfg.get('data', {}).get('resize', 'crop')} to a square, "
               f"resized to {cfg.get('data', {}).get('image_size')} px, scaled to [0, 1]."]
     if model:
         lines += [f"- Artifact: an ensemble of the {len(model['members'])} fold models; it averages their "
                   f"temperature-scaled probabilities (T = {model['calibration']['temperature']:.3f})"
-                  f"{', with horizontal-flip test-time augmentation' if model['ensemble']['tta'] else ''}.",
+                  f"{_tta_text(model['ensemble']['tta'])}.",
                   f"- Decision: **{dc} if P({dc}) ≥ {model['operating_point']['threshold']:.4f}** "
                   f"(chosen for sensitivity {model['operating_point']['target_sensitivity']:.2f} on the "
                   f"out-of-fold predictions).",
@@ -169,3 +169,25 @@ def render_model_card(ev: Mapping, model: Mapping | None = None, evaluations: Se
               "- Confidence intervals account for several images per lesion but not for patients with several "
               "lesions or for differences between clinics.", ""]
     return "\n".join(lines)
+
+
+def _tta_text(tta: str | bool) -> str:
+    mode = tta_mode(tta)
+    return {"none": "", "flip": ", with horizontal-flip test-time augmentation",
+            "dihedral": ", with test-time augmentation over the 8 flips and rotations"}[mode]
+
+
+def _architecture_text(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> str:
+    backbone = model_cfg.get("backbone", "simple_cnn")
+    head = f"dense {model_cfg.get('dense_units')}, dropout {model_cfg.get('dropout')}"
+    if backbone == "simple_cnn":
+        return (f"a plain Keras CNN (conv blocks {model_cfg.get('filters')}, {model_cfg.get('convs_per_block')} "
+                f"conv(s) per block, {head}), trained from scratch")
+    if not model_cfg.get("pretrained", True):
+        return f"{backbone} ({head}), trained from scratch"
+    blocks = model_cfg.get("fine_tune_blocks", -1)
+    tuned = "the whole backbone" if blocks < 0 else "no backbone layer" if blocks == 0 else \
+        f"the top {blocks} backbone units"
+    return (f"{backbone} from ImageNet weights ({head}); {train_cfg.get('head_epochs', 0)} head-only epoch(s), "
+            f"then {tuned} fine-tuned, BatchNorm statistics "
+            f"{'frozen' if model_cfg.get('freeze_batchnorm', True) else 're-estimated'}")

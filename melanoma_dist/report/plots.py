@@ -180,7 +180,8 @@ def learning_curves(path: Path, histories: Mapping[int, Mapping[str, Sequence[fl
     histories = {f: h for f, h in histories.items() if h.get("loss")}
     if not histories:
         return None
-    score = next((m for m in ("auc", "accuracy") if all(m in h for h in histories.values())), None)
+    score = next((m for m in ("roc_auc", "auc", "accuracy")
+                  if all(m in h or f"val_{m}" in h for h in histories.values())), None)
     fig, axes = _figure(10, 4, ncols=2 if score else 1)
     colours = [f"C{i}" for i in range(10)]
     for n, (fold, h) in enumerate(sorted(histories.items())):
@@ -188,7 +189,8 @@ def learning_curves(path: Path, histories: Mapping[int, Mapping[str, Sequence[fl
         c = colours[n % 10]
         panels = [("loss", axes[0, 0])] + ([(score, axes[0, 1])] if score else [])
         for metric, ax in panels:
-            ax.plot(epochs, h[metric], color=c, lw=1.2, label=f"fold {fold} train")
+            if metric in h:  # whole-fold metrics such as ROC-AUC exist for validation only
+                ax.plot(epochs, h[metric], color=c, lw=1.2, label=f"fold {fold} train")
             if f"val_{metric}" in h:
                 ax.plot(epochs, h[f"val_{metric}"], color=c, lw=1.2, ls="--", label=f"fold {fold} val")
     for k, metric in enumerate(["loss"] + ([score] if score else [])):

@@ -1,10 +1,10 @@
 """Per-epoch checkpoints of a fold, so that a restarted fold resumes where it stopped.
 
 At the end of every epoch rank 0 writes `resume/last.weights.h5` (model weights
-and optimizer state), `resume/best.weights.h5` when val_loss improved, and
-`resume/state.json` (the next epoch, the early-stopping and
-learning-rate-plateau counters, and a fingerprint of the config, so that a
-checkpoint is never loaded into a different model). A restarted fold loads them, so patience, the
+and optimizer state), `resume/best.npz` (model weights only) when the monitored
+metric improved, and `resume/state.json` (the next epoch, the training phase,
+the early-stopping and learning-rate-plateau counters, and a fingerprint of the
+config, so that a checkpoint is never loaded into a different model). A restarted fold loads them, so patience, the
 best weights so far and the learning rate carry over as if it had never stopped.
 Files are written under a temporary name and renamed: a crash mid-write leaves
 the previous checkpoint intact.
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 STATE = "state.json"
 LAST = "last.weights.h5"
-BEST = "best.weights.h5"
+BEST = "best.npz"  # model weights only: valid in every phase, whatever the optimizer
 
 
 def load_state(resume_dir: str | Path) -> dict[str, Any] | None:
@@ -36,8 +37,25 @@ def _save_weights(model: keras.Model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_best_weights(weights: list, path: Path) -> None:
+    """Write model weights (a `get_weights()` list) atomically."""
+    tmp = path.with_name("tmp-" + path.name)
+    with tmp.open("wb") as f:
+        np.savez(f, *weights)
+    os.replace(tmp, path)
+
+
+def load_best_weights(path: Path) -> list:
+    """The `get_weights()` list written by `save_best_weights`."""
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping that can start from a saved state (best value, wait, best weights).
+
+    It keeps the best weights but does not put them back at the end of `fit()`: the
+    fold does that after its last phase.
 
     Args:
         state: `state()` of an earlier run, or None. Defaults to `None`.
@@ -48,13 +66,23 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def __init__(self, state: dict | None = None, best_weights: list | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._resume, self._resume_weights = state, best_weights
+        self.best, self.best_epoch = None, 0
+        self._restore()  # state() is valid even if fit() never runs (a phase already finished)
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)  # resets the counters; then put the saved ones back
+    def _restore(self) -> None:
         if self._resume:
             self.best, self.wait, self.best_epoch = (self._resume["best"], self._resume["wait"],
                                                      self._resume["best_epoch"])
             self.best_weights = self._resume_weights
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)  # resets the counters; then put the saved ones back
+        self._restore()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # The caller restores `best_weights` once, after the last phase: a fit that ends a phase
+        # leaves the last epoch's weights, as a run resumed from the last checkpoint would have them.
+        pass
 
     def state(self) -> dict:
         best = None if self.best is None else float(self.best)
@@ -86,19 +114,20 @@ class FoldCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, resume_dir: str | Path, early_stopping: ResumableEarlyStopping,
-                 reduce_lr: ResumableReduceLROnPlateau, config_key: str) -> None:
+                 reduce_lr: ResumableReduceLROnPlateau | None, config_key: str, phase: int = 0) -> None:
         super().__init__()
         self.dir = Path(resume_dir)
         self.early_stopping, self.reduce_lr = early_stopping, reduce_lr
-        self.config_key = config_key
+        self.config_key, self.phase = config_key, phase
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.early_stopping.best_epoch == epoch:
-            _save_weights(self.model, self.dir / BEST)
+            save_best_weights(self.model.get_weights(), self.dir / BEST)
         _save_weights(self.model, self.dir / LAST)
-        state = {"epoch": epoch + 1, "config_key": self.config_key, "early_stopping": self.early_stopping.state(),
-                 "reduce_lr": self.reduce_lr.state()}
+        state = {"epoch": epoch + 1, "phase": self.phase, "config_key": self.config_key,
+                 "early_stopping": self.early_stopping.state(),
+                 "reduce_lr": self.reduce_lr.state() if self.reduce_lr is not None else None}
         tmp = self.dir / (STATE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.dir / STATE)

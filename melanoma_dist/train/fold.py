@@ -36,9 +36,10 @@ from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, step
 from melanoma_dist.distributed import horovod_keras as hk
 from melanoma_dist.metrics import classification_metrics
 from melanoma_dist.results import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
-from melanoma_dist.model.cnn import build_model, probabilities
+from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.train import checkpoint as ckpt
 from melanoma_dist.train.progress import EpochProgress
+from melanoma_dist.train.validation import FoldValidation, monitored_metric
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +88,44 @@ def load_fold_data(cfg: Config, fold: int) -> FoldData:
     return FoldData(index, tuple(manifest["class_names"]), int(manifest["image_size"]), train_rows, val_rows)
 
 
-def compile_model(cfg: Config, num_classes: int, learning_rate: float, seed: int) -> keras.Model:
-    """Build the CNN and compile it with Adam wrapped for Horovod gradient averaging."""
-    model = build_model(cfg.model, cfg.data.image_size, num_classes, seed=seed)
-    binary = num_classes == 2
+def make_optimizer(cfg: Config, learning_rate: float) -> keras.optimizers.Optimizer:
+    """The configured optimizer, wrapped for Horovod gradient averaging."""
+    if cfg.train.optimizer == "adamw":
+        base = keras.optimizers.AdamW(learning_rate, weight_decay=cfg.train.weight_decay)
+    else:
+        base = keras.optimizers.Adam(learning_rate)
     # Horovod: average gradients across ranks before every update (Keras-3-safe wrapper).
-    optimizer = hk.distributed_optimizer(keras.optimizers.Adam(learning_rate))
+    return hk.distributed_optimizer(base)
+
+
+def compile_model(cfg: Config, model: keras.Model, num_classes: int, learning_rate: float) -> keras.Model:
+    """Compile `model` with the configured optimizer (call again after changing what is trainable)."""
+    binary = num_classes == 2
     model.compile(
-        optimizer=optimizer,
+        optimizer=make_optimizer(cfg, learning_rate),
         loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.AUC(name="auc")] if binary else ["accuracy"],
+        metrics=["accuracy"],
         # Horovod's allreduce ops cannot run inside XLA clusters; Keras would pick XLA on GPUs.
         jit_compile=False)
     return model
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one set of trainable layers (freeze-then-unfreeze)."""
+
+    end_epoch: int
+    """First epoch after the phase."""
+    trainable_blocks: int
+    """Backbone units trained (see `model.fine_tune_blocks`)."""
+
+
+def training_phases(cfg: Config) -> list[Phase]:
+    """Head-only epochs first (pretrained backbones with `train.head_epochs`), then fine-tuning."""
+    epochs, head = cfg.train.epochs, cfg.train.head_epochs
+    if cfg.model.backbone != "simple_cnn" and head > 0 and cfg.model.fine_tune_blocks != 0:
+        return [Phase(min(head, epochs), 0), Phase(epochs, cfg.model.fine_tune_blocks)]
+    return [Phase(epochs, cfg.model.fine_tune_blocks)]
 
 
 def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.ndarray) -> None:
@@ -155,66 +181,78 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     steps = steps_per_epoch(len(data.train_rows), ctx.size, cfg.pipeline.batch_size)
     val_steps = math.ceil(len(my_val) / cfg.pipeline.batch_size)  # one exact pass over this rank's share
 
-    model = compile_model(cfg, num_classes, cfg.train.learning_rate, cfg.train.seed)
-    # Horovod: start every rank from rank 0's weights.
-    hk.broadcast_model(model, root_rank=0)
+    model = build_model(cfg.model, data.image_size, num_classes, seed=cfg.train.seed)
+    phases = training_phases(cfg)
+    monitor, mode = monitored_metric(cfg.train.monitor, num_classes)
+    validation = FoldValidation(val_ds, val_steps, my_val, data.index.labels, num_classes)
+    weights = (class_weights(data.index.labels[data.train_rows], num_classes)
+               if cfg.train.class_weight == "balanced" else None)
     # A restarted fold resumes: every rank reads the same checkpoint from the shared output dir.
     resume_dir = out / "resume"
     state = ckpt.load_state(resume_dir)
     if state and state.get("config_key") != resume_key(cfg):
         raise ValueError(f"{resume_dir} holds a checkpoint of another configuration (model, data or training "
                          f"settings differ): use another output_dir, or delete {out} to start this fold afresh")
-    best_weights = None
-    if state:
-        hk.build_optimizer(model)  # create the optimizer variables, so the checkpoint restores them
-        model.load_weights(resume_dir / ckpt.BEST)
-        best_weights = model.get_weights()
-        model.load_weights(resume_dir / ckpt.LAST)
-        if ctx.is_chief:
-            logger.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+    initial_epoch = resumed_from = state["epoch"] if state else 0
+    first_phase = int(state.get("phase", 0)) if state else 0
+    es_state, rl_state = (state["early_stopping"], state["reduce_lr"]) if state else (None, None)
+    best_weights = ckpt.load_best_weights(resume_dir / ckpt.BEST) if state else None
+    if state and ctx.is_chief:
+        logger.info("fold %d: resuming after epoch %d", fold, state["epoch"])
 
-    early_stopping = ckpt.ResumableEarlyStopping(
-        state=state and state["early_stopping"], best_weights=best_weights, monitor="val_loss",
-        patience=cfg.train.early_stopping_patience, restore_best_weights=True)
-    reduce_lr = ckpt.ResumableReduceLROnPlateau(
-        state=state and state["reduce_lr"], monitor="val_loss", factor=cfg.train.reduce_lr_factor,
-        patience=cfg.train.reduce_lr_patience)
-    callbacks: list[keras.callbacks.Callback] = [
-        # Horovod: average metrics over ranks first, so every rank takes the same
-        # early-stopping and learning-rate decisions as the callbacks below.
-        hk.MetricAverageCallback(),
-        # Horovod: scale the learning rate by the number of workers, after a warm-up.
-        hk.WarmupScaledLR(cfg.train.learning_rate, warmup_epochs=cfg.train.warmup_epochs, size=ctx.size,
-                          steps_per_epoch=steps),
-        reduce_lr,
-        early_stopping,
-    ]
-    if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
-        callbacks += [EpochProgress(fold, cfg.train.epochs),
-                      keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=bool(state)),
-                      ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg))]
-    weights = (class_weights(data.index.labels[data.train_rows], num_classes)
-               if cfg.train.class_weight == "balanced" else None)
-    initial_epoch = state["epoch"] if state else 0
-    if initial_epoch < cfg.train.epochs:
-        # shuffle=False: the dataset shuffles itself. Keras keeps one validation iterator
-        # across epochs when validation_steps is given: repeat() + exact steps = one full pass each epoch.
-        model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                  validation_data=val_ds.repeat(), validation_steps=val_steps,
-                  shuffle=False, class_weight=weights, callbacks=callbacks,
-                  verbose=cfg.train.verbose if ctx.is_chief else 0)
-    # Score with the best epoch's weights (the same on every rank: val_loss is averaged).
-    if early_stopping.best_weights is not None:
-        model.set_weights(early_stopping.best_weights)
+    early_stopping = None
+    for p, phase in enumerate(phases[first_phase:], start=first_phase):
+        set_backbone_trainable(model, cfg.model, phase.trainable_blocks)
+        compile_model(cfg, model, num_classes, cfg.train.learning_rate)
+        if p == first_phase:
+            # Horovod: start every rank from rank 0's weights.
+            hk.broadcast_model(model, root_rank=0)
+            if state:
+                hk.build_optimizer(model)  # create the optimizer variables, so the checkpoint restores them
+                model.load_weights(resume_dir / ckpt.LAST)
+        early_stopping = ckpt.ResumableEarlyStopping(
+            state=es_state, best_weights=best_weights, monitor=monitor, mode=mode,
+            patience=cfg.train.early_stopping_patience, restore_best_weights=True)
+        reduce_lr = (ckpt.ResumableReduceLROnPlateau(
+            state=rl_state, monitor=monitor, mode=mode, factor=cfg.train.reduce_lr_factor,
+            patience=cfg.train.reduce_lr_patience) if cfg.train.lr_schedule == "plateau" else None)
+        callbacks: list[keras.callbacks.Callback] = [
+            # Horovod: average training metrics over ranks, then validate on the whole fold, so
+            # every rank takes the same early-stopping and learning-rate decisions below.
+            hk.MetricAverageCallback(),
+            validation,
+            # Horovod: scale the learning rate by the number of workers, after a warm-up.
+            hk.WarmupScaledLR(cfg.train.learning_rate, warmup_epochs=cfg.train.warmup_epochs, size=ctx.size,
+                              steps_per_epoch=steps,
+                              cosine_epochs=cfg.train.epochs if cfg.train.lr_schedule == "cosine" else None,
+                              min_ratio=cfg.train.min_lr_ratio),
+            *([reduce_lr] if reduce_lr is not None else []),
+            early_stopping,
+        ]
+        if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
+            callbacks += [EpochProgress(fold, cfg.train.epochs),
+                          keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=initial_epoch > 0),
+                          ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg), phase=p)]
+        if initial_epoch < phase.end_epoch:
+            # shuffle=False: the dataset shuffles itself.
+            model.fit(train_ds, epochs=phase.end_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                      shuffle=False, class_weight=weights, callbacks=callbacks,
+                      verbose=cfg.train.verbose if ctx.is_chief else 0)
+            initial_epoch = phase.end_epoch
+        es_state = early_stopping.state()
+        rl_state = reduce_lr.state() if reduce_lr is not None else None
+        best_weights = early_stopping.best_weights
+        if early_stopping.stopped_epoch > 0:
+            break
+    # Score with the best epoch's weights (the same on every rank: the metrics are whole-fold).
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    best_epoch = int(es_state["best_epoch"]) if es_state else 0
 
     # Score the full fold: each rank predicts its share, rank 0 gets them all.
-    my_probs = probabilities(model.predict(val_ds, steps=val_steps, verbose=0), num_classes)
-    all_rows = hk.allgather_rows(my_val)
-    all_probs = hk.allgather_rows(my_probs)
+    rows, probs = validation.predict_fold()
     if not ctx.is_chief:
         return None
-    order = np.argsort(all_rows, kind="stable")
-    rows, probs = all_rows[order], all_probs[order]
     if not np.array_equal(rows, data.val_rows):  # every validation image exactly once
         raise RuntimeError(f"gathered predictions cover {len(rows)} rows, expected {len(data.val_rows)}")
     metrics = classification_metrics(data.index.labels[rows], probs, data.class_names,
@@ -223,8 +261,8 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     model.save(out / MODEL_FILE)
     _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
     metrics.update(extra or {})
-    metrics.update(fold=fold, resumed_from_epoch=initial_epoch, workers=ctx.size, host=socket.gethostname(),
-                   epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=early_stopping.best_epoch + 1,
+    metrics.update(fold=fold, resumed_from_epoch=resumed_from, workers=ctx.size, host=socket.gethostname(),
+                   epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=best_epoch + 1,
                    wall_time_s=round(time.time() - start, 1))
     tmp = out / (METRICS_FILE + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
