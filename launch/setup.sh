@@ -37,7 +37,9 @@ fi
 pip install -q --no-deps -e .
 "$VENV/bin/python" - <<'PY'
 import horovod.tensorflow as hvd, keras, numpy, ray, tensorflow as tf
+from melanoma_dist.model.pretrained import weights_file
+lite = [weights_file(f"efficientnet_lite{n}").name for n in range(3)]
 print(f"[setup] ok: tensorflow {tf.__version__}, keras {keras.__version__}, "
       f"numpy {numpy.__version__}, ray {ray.__version__}, horovod built with "
-      f"gloo={hvd.gloo_built()} nccl={hvd.nccl_built()}")
+      f"gloo={hvd.gloo_built()} nccl={hvd.nccl_built()}; ImageNet weights {', '.join(lite)}")
 PY

@@ -194,8 +194,9 @@ class ModelConfig:
     """EfficientNet-Lite only: backbone units trained after the head-only epochs (`train.head_epochs`),
     counted from the top (`head` conv, then block 15, 14, ...): -1 all, 0 none (frozen backbone)."""
     freeze_batchnorm: bool = True
-    """Pretrained backbones only: BatchNorm keeps its ImageNet statistics (inference mode) even when
-    its block is trained; false re-estimates them from the training batches."""
+    """Pretrained backbones only: BatchNorm layers stay frozen (ImageNet statistics, inference mode,
+    scale and offset not trained) even in fine-tuned blocks; false trains them and re-estimates the
+    statistics from the training batches."""
     pooling: Literal["avg", "max"] = "avg"
     """Global pooling of the last feature map before the head."""
     filters: tuple[int, ...] = (32, 64, 128, 256)
@@ -230,14 +231,18 @@ class TrainConfig:
     """AdamW weight decay (ignored by Adam)."""
     lr_schedule: Literal["plateau", "cosine"] = "plateau"
     """After warm-up: `plateau` (ReduceLROnPlateau on the monitored metric) or `cosine` decay to
-    `min_lr_ratio` x the rate at the last epoch."""
+    `min_lr_ratio` x the peak rate at the end of each training phase."""
     min_lr_ratio: float = 0.01
     """Cosine schedule: final learning rate as a fraction of the peak."""
     warmup_epochs: int = 1
-    """Epochs of linear warm-up to the scaled learning rate (of each phase)."""
+    """Epochs of linear warm-up to the scaled learning rate, at the start of each training phase."""
     head_epochs: int = 0
     """Pretrained backbones: epochs training the head alone (backbone frozen) before
     `model.fine_tune_blocks` are unfrozen; 0 unfreezes from the start."""
+    fine_tune_lr_scale: float = 0.1
+    """After `head_epochs`: the fine-tuning phase's learning rate as a fraction of `learning_rate`
+    (pretrained weights need small steps); it warms up from 0 over `warmup_epochs` with a fresh
+    optimizer, then follows `lr_schedule`."""
     monitor: Literal["auto", "val_loss", "val_roc_auc", "val_balanced_accuracy"] = "auto"
     """Metric of the whole validation fold that selects the best epoch and drives early stopping and
     the plateau schedule. `auto`: ROC-AUC for two classes, balanced accuracy for more."""
@@ -262,6 +267,8 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         _check(self.head_epochs >= 0, f"train.head_epochs must be >= 0, got {self.head_epochs}")
+        _check(0 < self.fine_tune_lr_scale <= 1,
+               f"train.fine_tune_lr_scale must be in (0, 1], got {self.fine_tune_lr_scale}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.early_stopping_patience >= 1,

@@ -195,6 +195,17 @@ def test_warmup_then_cosine_decay_per_batch() -> None:
     assert recorder.lrs[4] == pytest.approx(0.02) and recorder.lrs[-1] < 0.005
 
 
+def test_a_later_phase_warms_up_from_zero_then_decays() -> None:
+    # Fine-tuning phase from epoch 1: epoch 0 untouched, warm-up 0 -> 0.01 over epoch 1, cosine over epoch 2.
+    recorder, _ = _fit_lr([hk.WarmupScaledLR(0.01, warmup_epochs=1, size=1, cosine_epochs=3, start_epoch=1,
+                                             initial_ratio=0.0)], epochs=3)
+    untouched = recorder.lrs[:4]
+    assert len(set(untouched)) == 1  # the optimizer's own rate, not set by the callback
+    np.testing.assert_allclose(recorder.lrs[4:8], [0.01 * b / 4 for b in range(4)], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(recorder.lrs[8:], [0.01 * 0.5 * (1 + np.cos(np.pi * b / 4)) for b in range(4)],
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"base_lr": 0.0, "warmup_epochs": 1}, "base_lr must be > 0"),
     ({"base_lr": 0.1, "warmup_epochs": -1}, "warmup_epochs must be >= 0"),

@@ -137,6 +137,13 @@ def test_horovodrun_two_ranks_score_the_whole_fold(ham_config, tmp_path):
     with (out / "fold-0" / "predictions.csv").open() as f:
         ids = [r["image_id"] for r in csv.DictReader(f)]
     assert len(ids) == len(set(ids)) == int((folds == 0).sum())
+    # The monitored metric is of the whole fold (both ranks' predictions), not a mean over ranks:
+    # at the kept epoch it equals the metric of the gathered predictions.
+    with (out / "fold-0" / "history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    kept = history[metrics["best_epoch"] - 1]
+    assert float(kept["val_balanced_accuracy"]) == pytest.approx(metrics["balanced_accuracy"], abs=1e-9)
+    assert float(kept["val_balanced_accuracy"]) == max(float(r["val_balanced_accuracy"]) for r in history)
 
 
 def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(ham_subset, tmp_path):

@@ -33,7 +33,9 @@ def ensure_dataset(cfg: Config) -> dict:
         logger.info("no dataset in %s yet: ingesting %d source(s) first", cfg.data.dataset_dir, len(cfg.data.sources))
         return ingest(cfg.data)
     manifest = shards.load_manifest(cfg.data.dataset_dir)
-    for key in ("image_size", "label_scheme", "resize", "encoding", "color_constancy"):
+    # Size and labels shape the model; how images were made matters when the config says how to make them.
+    keys = ("image_size", "label_scheme") + (("resize", "encoding", "color_constancy") if cfg.data.sources else ())
+    for key in keys:
         # Datasets written before a setting existed were made with its default.
         if manifest.get(key, DataConfig.__dataclass_fields__[key].default) != getattr(cfg.data, key):
             raise ValueError(f"the dataset in {cfg.data.dataset_dir} has {key}={manifest.get(key)!r} but the config "

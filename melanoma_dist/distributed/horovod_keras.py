@@ -469,9 +469,14 @@ class WarmupScaledLR(keras.callbacks.Callback):
         steps_per_epoch: Batches per epoch. Defaults to `None` (from `fit`'s params).
         verbose: Log the rate at each epoch boundary of the warm-up. Defaults to `0`.
         cosine_epochs: After warm-up, decay the rate along a half cosine, per batch, to
-            `min_ratio * base_lr * size` at the end of epoch `cosine_epochs` (the run's
-            total). Defaults to `None` (no decay: the rate stays for ReduceLROnPlateau).
+            `min_ratio * base_lr * size` at the end of epoch `cosine_epochs` (the run's or
+            the phase's last). Defaults to `None` (no decay: the rate stays for ReduceLROnPlateau).
         min_ratio: Final rate of the cosine decay as a fraction of the peak. Defaults to `0.0`.
+        start_epoch: First epoch of the schedule: warm-up covers epochs `start_epoch` to
+            `start_epoch + warmup_epochs - 1` (a fine-tuning phase starts later than 0).
+            Defaults to `0`.
+        initial_ratio: Warm up from `initial_ratio * base_lr * size` instead of `base_lr`,
+            e.g. 0 to let a fresh optimizer start gently. Defaults to `None`.
 
     Raises:
         ValueError: a negative warm-up or a non-positive rate or size; or (at the
@@ -487,7 +492,7 @@ class WarmupScaledLR(keras.callbacks.Callback):
 
     def __init__(self, base_lr: float, warmup_epochs: int, size: int | None = None,
                  steps_per_epoch: int | None = None, verbose: int = 0, cosine_epochs: int | None = None,
-                 min_ratio: float = 0.0) -> None:
+                 min_ratio: float = 0.0, start_epoch: int = 0, initial_ratio: float | None = None) -> None:
         super().__init__()
         if base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {base_lr}")
@@ -502,6 +507,8 @@ class WarmupScaledLR(keras.callbacks.Callback):
         self.verbose = verbose
         self.cosine_epochs = cosine_epochs
         self.min_ratio = float(min_ratio)
+        self.start_epoch = int(start_epoch)
+        self.initial_ratio = initial_ratio
         self._epoch = 0
 
     @property
@@ -512,8 +519,12 @@ class WarmupScaledLR(keras.callbacks.Callback):
 
     def lr_at(self, epoch: int, batch: int) -> float:
         """Learning rate of `batch` in `epoch` during warm-up."""
-        t = (epoch * self._steps() + batch) / (self.warmup_epochs * self._steps())
-        return self.base_lr + (self.target_lr - self.base_lr) * min(t, 1.0)
+        t = ((epoch - self.start_epoch) * self._steps() + batch) / (self.warmup_epochs * self._steps())
+        start = self.base_lr if self.initial_ratio is None else self.initial_ratio * self.target_lr
+        return start + (self.target_lr - start) * min(t, 1.0)
+
+    def _in_warmup(self, epoch: int) -> bool:
+        return self.start_epoch <= epoch < self.start_epoch + self.warmup_epochs
 
     def _steps(self) -> int:
         steps = self.steps_per_epoch or (self.params or {}).get("steps")
@@ -531,25 +542,26 @@ class WarmupScaledLR(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
-        if self.warmup_epochs == 0 and epoch == 0:
+        if self.warmup_epochs == 0 and epoch == self.start_epoch:
             self._set(self.target_lr)
-        elif self.verbose and epoch < self.warmup_epochs:
+        elif self.verbose and self._in_warmup(epoch):
             logger.info("epoch %d: warm-up learning rate %.3g", epoch + 1, self.lr_at(epoch, 0))
 
     def cosine_lr_at(self, epoch: int, batch: int) -> float:
         """Learning rate of `batch` in `epoch` after warm-up, on the cosine schedule."""
-        span = max(1, (self.cosine_epochs - self.warmup_epochs) * self._steps())
-        t = min(1.0, ((epoch - self.warmup_epochs) * self._steps() + batch) / span)
+        first = self.start_epoch + self.warmup_epochs
+        span = max(1, (self.cosine_epochs - first) * self._steps())
+        t = min(1.0, ((epoch - first) * self._steps() + batch) / span)
         return self.target_lr * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._epoch < self.warmup_epochs:
+        if self._in_warmup(self._epoch):
             self._set(self.lr_at(self._epoch, batch))
-        elif self.cosine_epochs is not None:
+        elif self.cosine_epochs is not None and self._epoch >= self.start_epoch:
             self._set(self.cosine_lr_at(self._epoch, batch))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if epoch == self.warmup_epochs - 1:
+        if epoch == self.start_epoch + self.warmup_epochs - 1:
             self._set(self.target_lr)
             if self.verbose:
                 logger.info("epoch %d: warm-up done, learning rate %.3g", epoch + 1, self.target_lr)

@@ -114,18 +114,34 @@ def compile_model(cfg: Config, model: keras.Model, num_classes: int, learning_ra
 class Phase:
     """A stretch of epochs with one set of trainable layers (freeze-then-unfreeze)."""
 
+    start_epoch: int
+    """First epoch of the phase."""
     end_epoch: int
     """First epoch after the phase."""
     trainable_blocks: int
     """Backbone units trained (see `model.fine_tune_blocks`)."""
+    fine_tuning: bool = False
+    """A phase after the head-only one: smaller learning rate, warmed up from 0."""
 
 
 def training_phases(cfg: Config) -> list[Phase]:
     """Head-only epochs first (pretrained backbones with `train.head_epochs`), then fine-tuning."""
     epochs, head = cfg.train.epochs, cfg.train.head_epochs
     if cfg.model.backbone != "simple_cnn" and head > 0 and cfg.model.fine_tune_blocks != 0:
-        return [Phase(min(head, epochs), 0), Phase(epochs, cfg.model.fine_tune_blocks)]
-    return [Phase(epochs, cfg.model.fine_tune_blocks)]
+        head = min(head, epochs)
+        return [Phase(0, head, 0), Phase(head, epochs, cfg.model.fine_tune_blocks, fine_tuning=True)]
+    return [Phase(0, epochs, cfg.model.fine_tune_blocks)]
+
+
+def learning_rate_schedule(cfg: Config, phase: Phase, size: int, steps: int) -> hk.WarmupScaledLR:
+    """The phase's learning-rate callback: warm-up (scaled by the number of workers), then cosine or constant."""
+    t = cfg.train
+    return hk.WarmupScaledLR(
+        t.learning_rate * (t.fine_tune_lr_scale if phase.fine_tuning else 1.0), warmup_epochs=t.warmup_epochs,
+        size=size, steps_per_epoch=steps, cosine_epochs=phase.end_epoch if t.lr_schedule == "cosine" else None,
+        min_ratio=t.min_lr_ratio, start_epoch=phase.start_epoch,
+        # A fresh optimizer on pretrained weights: Adam's first steps are ~lr in size, so start from 0.
+        initial_ratio=0.0 if phase.fine_tuning else None)
 
 
 def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.ndarray) -> None:
@@ -222,10 +238,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
             hk.MetricAverageCallback(),
             validation,
             # Horovod: scale the learning rate by the number of workers, after a warm-up.
-            hk.WarmupScaledLR(cfg.train.learning_rate, warmup_epochs=cfg.train.warmup_epochs, size=ctx.size,
-                              steps_per_epoch=steps,
-                              cosine_epochs=cfg.train.epochs if cfg.train.lr_schedule == "cosine" else None,
-                              min_ratio=cfg.train.min_lr_ratio),
+            learning_rate_schedule(cfg, phase, ctx.size, steps),
             *([reduce_lr] if reduce_lr is not None else []),
             early_stopping,
         ]
