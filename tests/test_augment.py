@@ -1,6 +1,5 @@
 """Augmentation layers: active in training only, seeded, within their ranges."""
 
-import keras
 import numpy as np
 import pytest
 
