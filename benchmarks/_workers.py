@@ -105,7 +105,8 @@ def build_for_mode(mode: str, cfg: Any, steps: int, out_dir: Path) -> tuple[Any,
     if hvd.rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         callbacks += [keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
-                      ckpt.FoldCheckpoint(out_dir / "resume", early, plateau, resume_key(cfg))]
+                      ckpt.FoldCheckpoint(out_dir / "resume", early, plateau, resume_key(cfg),
+                                          data_fingerprint={"data": "random batches"})]
     return model, callbacks
 
 

@@ -31,9 +31,10 @@ def _ci(ci) -> str:
     return f"{ci.estimate:.3f} ({ci.low:.3f}–{ci.high:.3f})" if ci.low is not None else f"{ci.estimate:.3f}"
 
 
-def oof_rows(result_dir: Path) -> dict:
-    """Out-of-fold predictions of a cv run, with each image's source (from the dataset)."""
-    with (result_dir / "oof_predictions.csv").open() as f:
+def oof_rows(result_dir: Path, fold: int | None = None) -> dict:
+    """Out-of-fold predictions of a cv run (or of one of its folds), with each image's source."""
+    path = result_dir / "oof_predictions.csv" if fold is None else result_dir / f"fold-{fold}" / "predictions.csv"
+    with path.open() as f:
         rows = list(csv.DictReader(f))
     config = json.loads((result_dir / "run_manifest.json").read_text())["config"]
     table = shards.read_columns(config["data"]["dataset_dir"], [shards.IMAGE_ID, "source"])

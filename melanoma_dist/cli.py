@@ -23,10 +23,11 @@ from typing import Callable, Sequence
 # TensorFlow's C++ start-up chatter hides our progress lines; keep warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from melanoma_dist.config import Config, ConfigError, load_config  # noqa: E402
+from melanoma_dist.config import Config, load_config  # noqa: E402
 from melanoma_dist.cli_evidence import EVIDENCE_COMMANDS, add_evidence_arguments  # noqa: E402
 from melanoma_dist.launch import add_launch_arguments, cmd_launch  # noqa: E402
 from melanoma_dist.log import setup_logging  # noqa: E402
+from melanoma_dist.paths import ensure_writable_dir, os_error_line  # noqa: E402
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
@@ -34,10 +35,27 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_dataset_dir(cfg: Config, makes_folds: bool) -> None:
+    """Fail now, not after a long ingest, when the dataset or its folds would be written where they cannot be.
+
+    A prepared dataset may be read-only; it must be writable only for what is still to be made.
+    """
+    from melanoma_dist.data import shards
+    from melanoma_dist.data.folds import folds_path
+
+    dataset = Path(cfg.data.dataset_dir)
+    if not (dataset / shards.MANIFEST).is_file():  # to be ingested: built beside it, then renamed into place
+        ensure_writable_dir(dataset, "data.dataset_dir", replaced=True)
+    folds = folds_path(dataset, cfg.folds.k, cfg.folds.seed)
+    if makes_folds or not folds.is_file():
+        ensure_writable_dir(folds.parent, "data.dataset_dir")
+
+
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.data.folds import make_folds
     from melanoma_dist.data.ingest import ingest
 
+    ensure_writable_dir(cfg.data.dataset_dir, "data.dataset_dir", replaced=True)
     manifest = ingest(cfg.data)
     print(f"ingested {manifest['num_images']} images into {manifest['num_shards']} shard(s) in "
           f"{cfg.data.dataset_dir}; skipped {manifest['num_skipped']} (reasons in manifest.json)")
@@ -59,6 +77,7 @@ def cmd_folds(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.data.folds import make_folds
     from melanoma_dist.data.prepare import ensure_dataset
 
+    _check_dataset_dir(cfg, makes_folds=True)
     ensure_dataset(cfg)
     _print_folds(make_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed))
     return 0
@@ -70,7 +89,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
     # Under horovodrun (which sets HOROVOD_RANK) every rank runs this command: the
     # dataset and folds must already exist, since only one process may write them.
+    ensure_writable_dir(cfg.output_dir, "output_dir")
     if "HOROVOD_RANK" not in os.environ:
+        _check_dataset_dir(cfg, makes_folds=False)
         prepare(cfg)
     metrics = train_fold(cfg, args.fold)
     if metrics is not None:
@@ -83,6 +104,8 @@ def cmd_cv(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.schedule.folds import FoldFailed, run_cv
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    ensure_writable_dir(cfg.output_dir, "output_dir")
+    _check_dataset_dir(cfg, makes_folds=False)
     try:
         summary = run_cv(cfg, folds=folds, address=args.address or "")
     except FoldFailed as e:
@@ -137,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return COMMANDS[args.command][0](cfg, args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:  # ConfigError and the other input errors of the commands
         print(f"melanoma-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is missing, a file, read-only or forbidden
+        print(f"melanoma-dist {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Callable
 
 from melanoma_dist.config import Config
 from melanoma_dist.inference.tta import TTA_MODES
+from melanoma_dist.paths import ensure_writable_dir, ensure_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,18 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
-    from melanoma_dist.report.build import headline, write_report
+def _out_key(args: argparse.Namespace) -> str:
+    # Errors name the option, also when its default was used.
+    return "--out" if args.out else "default --out"
 
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist.report.build import DEFAULT_REPORT_DIR, headline, write_report
+
+    # Without --out the report goes to RESULT_DIR/report and the model card to RESULT_DIR.
+    ensure_writable_dir(args.out or args.result_dir / DEFAULT_REPORT_DIR, _out_key(args))
+    if args.out is None and args.result_dir.is_dir():
+        ensure_writable_dir(args.result_dir, "RESULT_DIR")
     paths = write_report(args.result_dir, args.out, args.target_sensitivity, args.near_dup_bits, args.n_boot,
                          near_dup_corr=args.near_dup_corr)
     ev = json.loads(paths["json"].read_text())
@@ -75,6 +84,8 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.data.folds import folds_path
     from melanoma_dist.report.audit import ImageSet, audit_set, audit_train_test
 
+    if args.json:
+        ensure_writable_file(args.json, "--json")
     dataset = Path(args.dataset or cfg.data.dataset_dir)
     has_folds = folds_path(dataset, cfg.folds.k, cfg.folds.seed).is_file()
     train = ImageSet.from_dataset(dataset, folds=(cfg.folds.k, cfg.folds.seed) if has_folds else None)
@@ -103,14 +114,12 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
-    from melanoma_dist.inference.export import export_model
+    from melanoma_dist.inference.export import DEFAULT_EXPORT_DIR, export_model
 
-    try:
-        out = export_model(args.result_dir, args.out, args.target_sensitivity, args.tta, args.near_dup_bits,
-                           args.n_boot, near_dup_corr=args.near_dup_corr)
-    except FileExistsError as e:
-        print(f"melanoma-dist export: error: {e}", file=sys.stderr)
-        return 2
+    # The model is built beside its target and renamed into place.
+    ensure_writable_dir(args.out or args.result_dir / DEFAULT_EXPORT_DIR, _out_key(args), replaced=True)
+    out = export_model(args.result_dir, args.out, args.target_sensitivity, args.tta, args.near_dup_bits,
+                       args.n_boot, near_dup_corr=args.near_dup_corr)
     spec = json.loads((out / "model.json").read_text())
     print(f"exported {len(spec['members'])} fold models to {out}: T={spec['calibration']['temperature']:.3f}, "
           f"{spec['decision_class']} threshold {spec['operating_point']['threshold']:.4f} "
@@ -120,8 +129,13 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from melanoma_dist.inference.evaluate import evaluate, summary_lines
+    from melanoma_dist.inference.ensemble import read_model_json
+    from melanoma_dist.inference.evaluate import EVALUATIONS_DIR, evaluate, summary_lines
 
+    read_model_json(args.model)  # a broken model fails before the dataset is read
+    # The evaluation goes to --out (default MODEL/evaluations/<dataset>); the model card in MODEL is updated.
+    ensure_writable_dir(args.out or args.model / EVALUATIONS_DIR / args.data.name, _out_key(args))
+    ensure_writable_dir(args.model, "MODEL")
     ev = evaluate(args.model, args.data, args.out, args.tta, args.near_dup_bits, args.n_boot,
                   near_dup_corr=args.near_dup_corr)
     print(summary_lines(ev))
@@ -134,6 +148,10 @@ def cmd_predict(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.inference.ensemble import Ensemble
     from melanoma_dist.inference.predict import DISCLAIMER, format_table, predict_files, write_csv, write_json
 
+    # Checked before the model loads and the images are scored, not after the table is printed.
+    for path, key in ((args.csv, "--csv"), (args.json, "--json")):
+        if path:
+            ensure_writable_file(path, key)
     model = Ensemble.load(args.model)
     results = predict_files(model, args.inputs, tta=args.tta)
     print(f"*** {DISCLAIMER} ***\n")

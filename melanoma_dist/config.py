@@ -2,8 +2,8 @@
 
 The config is a tree of frozen dataclasses (`Config` at the root). It is loaded
 from YAML, then `--set section.key=value` overrides are applied, then it is
-validated once. Unknown keys and bad choices fail at load, naming the key and
-the valid options.
+validated once. Unknown keys, keys given twice in the file, empty paths, numbers
+out of range and bad choices fail at load, naming the key and the valid options.
 
 Example:
 
@@ -36,9 +36,22 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid."""
 
 
+MAX_SEED = 2**31 - 1
+"""Seeds go to NumPy, TensorFlow and Python `random`; NumPy takes [0, 2**32), and training adds a per-rank offset."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _check_path(value: str, key: str, what: str) -> None:
+    # An empty path silently means the current directory to pathlib (`Path("") == Path(".")`).
+    _check(bool(value.strip()), f"{key} is empty: give {what}")
+
+
+def _check_seed(value: int, key: str) -> None:
+    _check(0 <= value <= MAX_SEED, f"{key} must be in [0, {MAX_SEED}], got {value}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class SourceConfig:
     Empty searches `<csv dir>/<split>/`, `<csv dir>/images/` and `<csv dir>/`."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), "data.sources[].path is empty: give the folder or CSV to ingest")
+        _check_path(self.path, "data.sources[].path", "the folder or CSV to ingest")
         if self.splits and self.kind != "csv":
             raise ConfigError(f"data.sources[].splits is only for kind 'csv', got kind {self.kind!r}")
 
@@ -111,6 +124,7 @@ class DataConfig:
     """Processes decoding images during ingest; 0 uses every CPU."""
 
     def __post_init__(self) -> None:
+        _check_path(self.dataset_dir, "data.dataset_dir", "the folder of the ingested dataset (e.g. runs/dataset)")
         _check(16 <= self.image_size <= 1024, f"data.image_size must be in [16, 1024], got {self.image_size}")
         _check(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         _check(self.rows_per_shard >= 1, f"data.rows_per_shard must be >= 1, got {self.rows_per_shard}")
@@ -128,6 +142,7 @@ class FoldsConfig:
 
     def __post_init__(self) -> None:
         _check(self.k >= 2, f"folds.k must be >= 2, got {self.k}")
+        _check_seed(self.seed, "folds.seed")
 
 
 @dataclass(frozen=True)
@@ -273,7 +288,9 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.early_stopping_patience >= 1,
                f"train.early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        _check(self.reduce_lr_patience >= 0, f"train.reduce_lr_patience must be >= 0, got {self.reduce_lr_patience}")
         _check(0 < self.reduce_lr_factor < 1, f"train.reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor}")
+        _check_seed(self.seed, "train.seed")
         _check(self.verbose in (0, 1, 2), f"train.verbose must be 0, 1 or 2, got {self.verbose}")
 
 
@@ -311,6 +328,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/train"
     """Where fold results (models, histories, predictions, metrics) are written."""
+
+    def __post_init__(self) -> None:
+        _check_path(self.output_dir, "output_dir", "the folder for the fold results (e.g. runs/train)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), suitable for YAML/JSON."""
@@ -375,14 +395,17 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+def _unknown_key(where: str, key: str, names: list[str]) -> ConfigError:
+    prefix = f"{where}." if where else ""
+    return ConfigError(f"unknown config key {prefix}{key}; valid keys{' of ' + where if where else ''}: {names}")
+
+
 def _from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {names}")
+        raise _unknown_key(where, unknown[0], names)
     kwargs = {}
     for name in names:
         if name in raw:
@@ -406,6 +429,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not parts:
         raise ConfigError(f"override {assignment!r} has an empty key")
     value = yaml.safe_load(text) if text.strip() else ""
+    _check_override_keys(parts)
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -423,6 +447,22 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node[last] = value
 
 
+def _check_override_keys(parts: list[str]) -> None:
+    """Walk the Config schema along an override's key, so that a typo is named (not taken for a new section)."""
+    tp: Any = Config
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if typing.get_origin(tp) is tuple:  # a list: this part is an index, checked against the items later
+            tp = typing.get_args(tp)[0]
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {'.'.join(parts)}: {where} is not a section")
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            raise _unknown_key(where, part, names)
+        tp = typing.get_type_hints(tp)[part]
+
+
 def _index(node: list, part: str, path: list[str]) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"override {'.'.join(path)}: index {part!r} out of range ({len(node)} items)")
@@ -437,6 +477,39 @@ def config_from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) 
     return _from_dict(Config, raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key given twice in one mapping; plain YAML keeps the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges are meant to be overridden
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                lines = f"line {line}" if first[key] == line else f"lines {first[key]} and {line}"
+                raise ConfigError(f"key {key!r} is given twice ({lines}); YAML would silently keep only the "
+                                  f"second: merge them into one")
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, or a ConfigError naming the file."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+    try:
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config file (or the defaults when `path` is None) and apply overrides.
 
@@ -445,19 +518,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         overrides: `section.key=value` strings applied after the file.
 
     Raises:
-        ConfigError: the file is missing or not a mapping, a key is unknown, or a value is invalid.
+        ConfigError: the file is missing, not a mapping or gives a key twice, a key is unknown, or a
+            value is invalid.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    raw = _read_yaml(Path(path)) if path is not None else {}
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as e:

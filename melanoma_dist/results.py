@@ -14,3 +14,14 @@ MODEL_FILE = "model.keras"
 def fold_dir(output_dir: str | Path, fold: int) -> Path:
     """Result folder of one fold: `<output_dir>/fold-<fold>`."""
     return Path(output_dir) / f"fold-{fold}"
+
+
+def discard_fold_result(output_dir: str | Path, fold: int) -> bool:
+    """Mark a fold as not done by removing its `metrics.json`; True if there was one.
+
+    For a result of other data: a fold that fails on its re-run is then missing, not stale.
+    """
+    path = fold_dir(output_dir, fold) / METRICS_FILE
+    existed = path.is_file()
+    path.unlink(missing_ok=True)
+    return existed

@@ -47,7 +47,9 @@ def test_ham_subset_counts_and_manifest(ham_subset, tmp_path, read_csv):
         "schema_version": 1, "label_scheme": "ham7", "image_size": 32, "resize": "crop", "encoding": "jpeg",
         "rows_per_shard": 16}
     assert manifest["sources"] == [{"name": "ham", "kind": "ham10000", "path": str(ham_subset), "label_type": "dx",
-                                    "num_images": 42, "num_skipped": 0}]
+                                    "num_images": 42, "num_skipped": 0, "num_unlabelled": 0,
+                                    "unlabelled_sample": []}]
+    assert manifest["num_unlabelled"] == 0 and manifest["fingerprint"]["sources"][0]["files"]["count"] == 43
 
     t = read_columns(cfg.dataset_dir, ["image_id", "label", "label_name", "group", "source"]).to_pylist()
     by_id = {r["image_id"]: r for r in rows}
@@ -194,9 +196,12 @@ def test_no_image_survives_lists_reasons(tmp_path):
 def test_replaces_dataset_but_never_other_folders(ham_subset, isic_subset, tmp_path, monkeypatch):
     cfg = _data(tmp_path, _isic(isic_subset))
     ingest(cfg, progress=False)
-    (tmp_path / "ds" / "folds.json").write_text("{}")  # stale artefact of the old dataset
+    (tmp_path / "ds" / "folds").mkdir()
+    (tmp_path / "ds" / "folds" / "k5-seed42.json").write_text("{}")  # folds of the old dataset
+    (tmp_path / "ds" / "NOTES.txt").write_text("keep me")  # not ours: stays
     ingest(_data(tmp_path, _isic(isic_subset, splits=("test",))), progress=False)
-    assert load_manifest(tmp_path / "ds")["num_images"] == 4 and not (tmp_path / "ds" / "folds.json").exists()
+    assert load_manifest(tmp_path / "ds")["num_images"] == 4 and not (tmp_path / "ds" / "folds").exists()
+    assert (tmp_path / "ds" / "NOTES.txt").read_text() == "keep me"
 
     # Interrupted ingest: the previous dataset stays, no temporary directory is left.
     def boom(*a, **k):

@@ -2,12 +2,18 @@
 
 All images of one lesion (`group`) land in one fold, and so do exact duplicates
 (same `pixel_sha256`) even when their lesion ids differ: otherwise a duplicate
-on both sides of a split inflates the validation score. Folds are stored beside
-the shards as `folds/k{K}-seed{S}.parquet` (image_id, fold), with a JSON summary.
+on both sides of a split inflates the validation score. Every fold must hold
+every class of the dataset, since a validation set without melanoma has no
+ROC-AUC and a meaningless balanced accuracy. Folds are stored beside the shards
+as `folds/k{K}-seed{S}.parquet` (image_id, fold), with a JSON summary.
+
+`data_fingerprint` names the data one fold is trained and validated on, so that
+checkpoints and finished results of other data are never taken for this fold's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
@@ -116,6 +122,91 @@ def check_leakage(folds: Sequence[int], groups: Sequence[str], pixel_hashes: Seq
     return report
 
 
+def check_fold_classes(labels: Sequence[int], fold_of_row: Sequence[int], class_names: Sequence[str],
+                       folds: Sequence[int]) -> None:
+    """Refuse folds whose validation set lacks a class of the dataset.
+
+    Args:
+        labels: Class index of each row.
+        fold_of_row: Fold of each row.
+        class_names: Name of each class, in index order.
+        folds: The folds to check.
+
+    Raises:
+        ValueError: the dataset has a single class, or a fold lacks one; the message names
+            the folds, the missing classes and their counts, and suggests a smaller folds.k.
+    """
+    y, f = np.asarray(labels), np.asarray(fold_of_row)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"the dataset holds only class {class_names[int(present[0])]!r}: cross-validation "
+                         f"metrics need at least two classes; ingest images of the others")
+    problems = []
+    for fold in folds:
+        counts = np.bincount(y[f == fold], minlength=len(class_names))
+        missing = [class_names[c] for c in present if counts[c] == 0]
+        if missing:
+            held = ", ".join(f"{n} {counts[c]}" for c, n in enumerate(class_names) if c in present)
+            problems.append(f"fold {fold} has no validation image of class "
+                            f"{' or '.join(repr(m) for m in missing)} ({held})")
+    if problems:
+        rarest = min(present, key=lambda c: (y == c).sum())
+        n_rarest = int((y == rarest).sum())
+        raise ValueError(f"{'; '.join(problems)}: such a fold has no ROC-AUC and a meaningless balanced accuracy; "
+                         f"use a smaller folds.k (the rarest class, {class_names[int(rarest)]!r}, has {n_rarest} "
+                         f"images in all, so at most {n_rarest} folds can each hold one) or ingest more images")
+
+
+def dataset_sha256(dataset_dir: str | Path) -> str:
+    """sha256 of the dataset's `manifest.json`: it changes whenever the dataset is re-ingested differently."""
+    return hashlib.sha256((Path(dataset_dir) / shards.MANIFEST).read_bytes()).hexdigest()
+
+
+def split_sha256(image_ids: Sequence[str], fold_of_row: Sequence[int], fold: int) -> str:
+    """sha256 of which images validate `fold` and which train it, whatever the row order."""
+    ids, val = np.asarray(image_ids, dtype=object).astype(str), np.asarray(fold_of_row) == fold
+    h = hashlib.sha256()
+    for part, rows in (("validation", ids[val]), ("training", ids[~val])):
+        h.update(f"[{part}]\n".encode())
+        h.update("".join(f"{i}\n" for i in sorted(rows)).encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset_dir: str | Path, fold_of_row: Sequence[int], fold: int,
+                     image_ids: Sequence[str] | None = None) -> dict[str, str]:
+    """What one fold's training depends on besides the config: the dataset and its split.
+
+    Args:
+        dataset_dir: The dataset directory.
+        fold_of_row: Fold of each dataset row (as `load_folds` returns it).
+        fold: The validation fold.
+        image_ids: Image id of each row. Defaults to `None` (read from the shards).
+
+    Returns:
+        `{"dataset": dataset_sha256, "folds": split_sha256}`, recorded in a fold's
+        checkpoint and metrics.
+    """
+    if image_ids is None:
+        image_ids = shards.read_columns(dataset_dir, ["image_id"])["image_id"].to_pylist()
+    return {"dataset": dataset_sha256(dataset_dir), "folds": split_sha256(image_ids, fold_of_row, fold)}
+
+
+NO_FINGERPRINT = "it records no data fingerprint (made by an older melanoma-dist), so it may come from other data"
+
+
+def fingerprint_change(recorded: dict | None, expected: dict[str, str]) -> str | None:
+    """Why a result recorded with `recorded` is not of the data of `expected`, or None if it is."""
+    if not recorded:
+        return NO_FINGERPRINT
+    changes = []
+    if recorded.get("dataset") != expected["dataset"]:
+        changes.append(f"the dataset changed (manifest.json sha256 {str(recorded.get('dataset'))[:12]} "
+                       f"then, {expected['dataset'][:12]} now)")
+    if recorded.get("folds") != expected["folds"]:
+        changes.append("the fold assignment changed (other images validate this fold)")
+    return " and ".join(changes) or None
+
+
 def folds_path(dataset_dir: str | Path, k: int, seed: int) -> Path:
     """Where the fold assignment for (k, seed) is stored."""
     return Path(dataset_dir) / "folds" / f"k{k}-seed{seed}.parquet"
@@ -125,7 +216,11 @@ def make_folds(dataset_dir: str | Path, k: int, seed: int) -> dict:
     """Compute, check and store folds for a dataset; return the JSON summary.
 
     Writes `folds/k{k}-seed{seed}.parquet` and `.json` (counts per fold and class,
-    leakage report). Raises ValueError if the leakage check fails, which would be a bug.
+    leakage report), only once the folds pass their checks.
+
+    Raises:
+        ValueError: a fold lacks a class of the dataset (see `check_fold_classes`), or
+            the leakage check fails, which would be a bug.
     """
     index = shards.read_columns(dataset_dir, INDEX_COLUMNS)
     labels = index["label"].to_numpy()
@@ -136,6 +231,7 @@ def make_folds(dataset_dir: str | Path, k: int, seed: int) -> dict:
     if not leakage.clean:  # cannot happen with merged groups; guard the invariant anyway
         raise ValueError(f"fold assignment leaks across folds: {leakage.to_dict()}")
     class_names = shards.load_manifest(dataset_dir)["class_names"]
+    check_fold_classes(labels, folds, class_names, range(k))
     per_fold = []
     for f in range(k):
         m = folds == f

@@ -1,8 +1,9 @@
 """Decode, check, hash, square-resize and re-encode one image file.
 
 `prepare_image` is the only image code ingest runs; everything that can be wrong with an
-input file (empty, not an image, truncated, a decompression bomb, too small) is raised
-as `BadImageError` with a short reason, which ingest records in the manifest.
+input file (empty, not an image, truncated, a decompression bomb, too small, a broken
+symbolic link) is raised as `BadImageError` with a short reason, which ingest records in
+the manifest.
 
 Colour conversion to RGB:
 
@@ -23,6 +24,7 @@ img.data[:2], img.phash, (img.width, img.height)  # (b'\\xff\\xd8', '12307878783
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -109,7 +111,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise BadImageError(f"cannot read file: {e.strerror}") from None
+        raise BadImageError(broken_link_reason(path) or f"cannot read file: {e.strerror}") from None
     try:
         with f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -132,6 +134,33 @@ def load_rgb(path: str | Path) -> Image.Image:
     if min(im.size) < MIN_SIDE:
         raise BadImageError(f"image is {im.width}x{im.height} px, smaller than {MIN_SIDE} px on a side")
     return to_rgb(im)
+
+
+def broken_link_reason(path: str | Path) -> str | None:
+    """Why `path` is a symbolic link that cannot be followed (dangling, or a loop); None otherwise.
+
+    Example:
+
+    ```python
+    broken_link_reason("photos/old.jpg")  # 'dangling symbolic link (its target /mnt/gone/old.jpg does not exist)'
+    ```
+    """
+    p = Path(path)
+    if not p.is_symlink():
+        return None
+    try:
+        p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"dangling symbolic link (its target {os.readlink(p)} does not exist)"
+    return None
+
+
+def is_file_or_broken_link(path: str | Path) -> bool:
+    """A file (or a link to one), or a broken link: what to try to decode, so that a broken link's reason is told."""
+    return Path(path).is_file() or broken_link_reason(path) is not None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

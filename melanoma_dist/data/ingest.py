@@ -3,9 +3,15 @@
 Steps: read every source's labelled records (checking first that its labels can give
 the label scheme), map the labels to class indices (so that a bad label fails before
 any image is decoded), decode/hash/resize the images in a process pool, stream them
-into shards in a temporary directory, write `manifest.json`, and finally swap the
-temporary directory into `data.dataset_dir`. An interrupted ingest leaves the
-previous dataset untouched.
+into shards in a temporary directory, write `manifest.json` (with the counts, every
+skipped image and why, the unlabelled images, and the fingerprint of the inputs, see
+`data.fingerprint`), and finally move the new files into `data.dataset_dir`.
+
+An interrupted ingest leaves the previous dataset untouched; a killed one leaves its
+temporary directory (`.<dataset>.ingest-XXXXXXXX` beside the dataset), which the next
+ingest removes. Ingest writes only into a new or empty folder or over one of its own
+datasets, and there it replaces only its own files (manifest, shards, folds): a user's
+notes beside them stay.
 
 Example:
 
@@ -20,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -32,15 +41,26 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_dist.config import DataConfig, SourceConfig
+from melanoma_dist.data.fingerprint import fingerprint
 from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_image
-from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, write_manifest, write_shards
-from melanoma_dist.data.sources import SkippedItem, SourceRecord, read_source
+from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, own_files, write_manifest, write_shards
+from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceRecord, SourceScan, scan_source
 from melanoma_dist.labels import check_provides, class_names, to_class_index
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 500
 """Images between two progress log lines."""
+
+_OWNER = "ingest.owner"
+"""In a temporary directory: the host and pid of the ingest writing it, so that others leave it alone."""
+
+
+class NotADatasetError(FileExistsError, ValueError):
+    """`data.dataset_dir` holds something else than a dataset, so ingest will not write there.
+
+    A ValueError too, so that the command line reports it in one line.
+    """
 
 
 def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
@@ -57,21 +77,25 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
         ValueError: no sources; a source cannot provide the label scheme; a label is
             unknown; an image id is in two sources; or no image could be decoded.
         FileNotFoundError: a source's folder or CSV is missing.
-        FileExistsError: `dataset_dir` exists but is not a dataset (it is never deleted).
+        NotADatasetError: `dataset_dir` is not empty and not a dataset (it is left alone).
     """
     if not cfg.sources:
         raise ValueError("data.sources is empty: list at least one source to ingest (see configs/)")
     dataset_dir = Path(cfg.dataset_dir)
     _check_replaceable(dataset_dir)
-    records, skipped = _read_sources(cfg.sources, cfg.label_scheme)
+    _remove_stale_temps(dataset_dir)
+    scans = _read_sources(cfg.sources, cfg.label_scheme)
+    records = [r for scan in scans for r in scan.records]
+    skipped = [s for scan in scans for s in scan.skipped]
+    if not records:
+        raise ValueError(_nothing_ingested(cfg, skipped))
     labels = [to_class_index(cfg.label_scheme, r.label_type, r.raw_label, r.where) for r in records]
     workers = min(cfg.ingest_workers or _available_cpus(), max(1, len(records)))
     logger.info("ingest: %d images from %d sources, label scheme %s, %dx%d %s, %d workers",
                 len(records), len(cfg.sources), cfg.label_scheme, cfg.image_size, cfg.image_size,
                 cfg.encoding, workers)
 
-    tmp = dataset_dir.parent / f".{dataset_dir.name}.ingest-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = _make_temp(dataset_dir)
     try:
         prepare = functools.partial(_prepare, size=cfg.image_size, resize=cfg.resize,
                                     encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality,
@@ -84,10 +108,8 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
             shards = write_shards(rows, tmp, cfg.rows_per_shard)
         elapsed = time.perf_counter() - start
         if not shards:
-            reasons = dict(Counter(s.reason for s in skipped))
-            first = f" (first: {skipped[0].path})" if skipped else ""
-            raise ValueError(f"no image could be ingested; skipped: {reasons}{first}")
-        manifest = _manifest(cfg, records, labels, kept, skipped, shards)
+            raise ValueError(_nothing_ingested(cfg, skipped))
+        manifest = _manifest(cfg, scans, records, labels, kept, skipped, shards)
         write_manifest(tmp, manifest)
         _swap_into(tmp, dataset_dir)
     except BaseException:
@@ -96,34 +118,49 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     logger.info("ingest: wrote %d images (%d skipped) in %d shards to %s in %.1f s (%.0f images/s)",
                 manifest["num_images"], manifest["num_skipped"], len(shards), dataset_dir, elapsed,
                 len(records) / max(elapsed, 1e-9))
+    if skipped:
+        logger.warning("ingest: skipped %d images: %s (each with its reason in %s)", len(skipped),
+                       _reason_counts(skipped), dataset_dir / MANIFEST)
     return manifest
+
+
+def _reason_counts(skipped: Sequence[SkippedItem]) -> str:
+    """`reason: count` of the most common skip reasons (the text before a colon: details vary per file)."""
+    counts = Counter(s.reason.split(":")[0] for s in skipped)
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common(5))
+
+
+def _nothing_ingested(cfg: DataConfig, skipped: Sequence[SkippedItem]) -> str:
+    if not skipped:
+        sources = ", ".join(f"{s.display_name!r} ({s.kind} {s.path})" for s in cfg.sources)
+        return f"no image could be ingested: the sources list no images: {sources}; check data.sources"
+    reasons = dict(Counter(s.reason for s in skipped))
+    return f"no image could be ingested; skipped: {reasons} (first: {skipped[0].path})"
 
 
 # ---------------------------------------------------------------- reading sources
 
-def _read_sources(sources: Sequence[SourceConfig], scheme: str) -> tuple[list[SourceRecord], list[SkippedItem]]:
-    """All sources' records in config order; image ids and source names must be unique."""
+def _read_sources(sources: Sequence[SourceConfig], scheme: str) -> list[SourceScan]:
+    """Every source's scan, in config order; image ids and source names must be unique."""
     names = [s.display_name for s in sources]
     repeated = [n for n, c in Counter(names).items() if c > 1]
     if repeated:
         raise ValueError(f"two data.sources are named {repeated[0]!r}; give them distinct `name`s "
                          f"(the name is stored in the source column)")
-    records: list[SourceRecord] = []
-    skipped: list[SkippedItem] = []
+    scans: list[SourceScan] = []
     owner: dict[str, str] = {}
     for src in sources:
         check_provides(scheme, src.label_type, src.display_name)
-        src_records, src_skipped = read_source(src)
-        shared = [r.image_id for r in src_records if r.image_id in owner]
+        scan = scan_source(src)
+        shared = [r.image_id for r in scan.records if r.image_id in owner]
         if shared:
             raise ValueError(
                 f"image id {shared[0]!r} is in both source {owner[shared[0]]!r} and source "
                 f"{src.display_name!r} ({len(shared)} ids shared); image ids must be unique in a dataset: "
                 f"remove the overlap from one source (e.g. with splits) or ingest them into separate datasets")
-        owner.update((r.image_id, src.display_name) for r in src_records)
-        records += src_records
-        skipped += src_skipped
-    return records, skipped
+        owner.update((r.image_id, src.display_name) for r in scan.records)
+        scans.append(scan)
+    return scans
 
 
 # ---------------------------------------------------------------- decoding
@@ -186,8 +223,9 @@ def _rows(records: Sequence[SourceRecord], labels: Sequence[int], scheme: str,
 
 # ---------------------------------------------------------------- manifest and swap
 
-def _manifest(cfg: DataConfig, records: Sequence[SourceRecord], labels: Sequence[int], kept: Sequence[int],
-              skipped: Sequence[SkippedItem], shards: Sequence[str]) -> dict[str, Any]:
+def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], records: Sequence[SourceRecord],
+              labels: Sequence[int], kept: Sequence[int], skipped: Sequence[SkippedItem],
+              shards: Sequence[str]) -> dict[str, Any]:
     names = class_names(cfg.label_scheme)
     order = {s.display_name: i for i, s in enumerate(cfg.sources)}
     skipped = sorted(skipped, key=lambda s: (order[s.source], s.path, s.image_id))
@@ -214,28 +252,91 @@ def _manifest(cfg: DataConfig, records: Sequence[SourceRecord], labels: Sequence
         "columns": list(COLUMNS),
         "sources": [{"name": s.display_name, "kind": s.kind, "path": s.path, "label_type": s.label_type,
                      "num_images": images_per_source[s.display_name],
-                     "num_skipped": skipped_per_source[s.display_name]} for s in cfg.sources],
+                     "num_skipped": skipped_per_source[s.display_name],
+                     "num_unlabelled": len(scan.unlabelled),
+                     "unlabelled_sample": scan.unlabelled[:UNLABELLED_SAMPLE]}
+                    for s, scan in zip(cfg.sources, scans)],
         "num_skipped": len(skipped),
         "skipped": [s.to_dict() for s in skipped],
+        "num_unlabelled": sum(len(scan.unlabelled) for scan in scans),
+        "fingerprint": fingerprint(cfg, scans),
     }
 
 
 def _check_replaceable(dataset_dir: Path) -> None:
-    """Refuse to replace a directory that is not a dataset: ingest deletes what it replaces."""
+    """Refuse to write into a folder that is neither empty nor one of our datasets."""
     if not dataset_dir.exists():
         return
-    if not dataset_dir.is_dir() or (any(dataset_dir.iterdir()) and not (dataset_dir / MANIFEST).is_file()):
-        raise FileExistsError(
-            f"data.dataset_dir {dataset_dir} exists and is not a melanoma-dist dataset (no {MANIFEST}); "
-            f"ingest replaces its target, so set data.dataset_dir to a new folder or remove this one")
+    if not dataset_dir.is_dir():
+        raise NotADatasetError(f"data.dataset_dir {dataset_dir} is a file, not a folder: set data.dataset_dir "
+                               f"to a new folder")
+    entries = sorted(p.name for p in dataset_dir.iterdir())
+    if entries and not (dataset_dir / MANIFEST).is_file():
+        listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise NotADatasetError(
+            f"data.dataset_dir {dataset_dir} exists and is not a melanoma-dist dataset (no {MANIFEST}; it holds "
+            f"{listed}); ingest does not write into other folders: set data.dataset_dir to a new or empty folder")
 
 
 def _swap_into(tmp: Path, dataset_dir: Path) -> None:
-    """Move the finished `tmp` to `dataset_dir`, replacing an existing dataset there."""
+    """Move the finished dataset in `tmp` to `dataset_dir`, replacing only our own files there.
+
+    The new manifest goes in last, in one rename: until then the folder keeps a manifest
+    (the old one), so that an ingest killed here is still recognised as ours next time.
+    """
+    (tmp / _OWNER).unlink()
     if not dataset_dir.exists():
         tmp.rename(dataset_dir)
         return
-    trash = dataset_dir.parent / f".{dataset_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    dataset_dir.rename(trash)
-    tmp.rename(dataset_dir)
-    shutil.rmtree(trash, ignore_errors=True)
+    replaced = tmp / "replaced"
+    for old in own_files(dataset_dir):
+        if old.name != MANIFEST:
+            dest = replaced / old.relative_to(dataset_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(dest)
+    for new in sorted(tmp.glob("shard-*.parquet")):
+        new.rename(dataset_dir / new.name)
+    os.replace(tmp / MANIFEST, dataset_dir / MANIFEST)
+    with contextlib.suppress(OSError):  # the old folds are gone; keep the folder if the user put files there
+        (dataset_dir / "folds").rmdir()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- temporary directories
+
+def _make_temp(dataset_dir: Path) -> Path:
+    """A new temporary directory beside `dataset_dir`, marked with this process as its owner."""
+    tmp = dataset_dir.parent / f".{dataset_dir.name}.ingest-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+    return tmp
+
+
+def _remove_stale_temps(dataset_dir: Path) -> None:
+    """Remove what killed ingests left beside `dataset_dir`: temporary directories of no running ingest."""
+    prefix = glob.escape(f".{dataset_dir.name}")
+    # `.old-` folders: datasets replaced by earlier versions of ingest, which swapped whole folders.
+    for stale in sorted(p for pattern in (".ingest-*", ".old-*") for p in dataset_dir.parent.glob(prefix + pattern)):
+        owner = _running_owner(stale)
+        if owner:
+            logger.warning("ingest: leaving %s alone: it belongs to the ingest running as %s", stale, owner)
+            continue
+        logger.warning("ingest: removing %s, left by an interrupted ingest", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running_owner(tmp: Path) -> str | None:
+    """`pid N on HOST` when the ingest that made `tmp` may still run (another host's cannot be checked)."""
+    try:
+        owner = json.loads((tmp / _OWNER).read_text())
+        host, pid = str(owner["host"]), int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no readable owner: from before owners were written, or killed while writing it
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)  # signal 0 only checks that the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # it exists, as another user's process
+            pass
+    return f"pid {pid} on {host}"

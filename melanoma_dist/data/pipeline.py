@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import tensorflow as tf
 
 from melanoma_dist.config import PipelineConfig
@@ -45,7 +44,7 @@ class RowIndex:
     @classmethod
     def load(cls, dataset_dir: str | Path) -> "RowIndex":
         paths = tuple(shards.shard_paths(dataset_dir))
-        counts = [pq.ParquetFile(p).metadata.num_rows for p in paths]
+        counts = [shards.num_rows(p) for p in paths]
         table = shards.read_columns(dataset_dir, ["image_id", "label", "group"])
         return cls(paths, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                    np.asarray(table["image_id"].to_pylist(), dtype=object),

@@ -20,6 +20,7 @@ images = read_images(shard_paths("runs/dataset")[0], [0, 5])   # encoded bytes o
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -62,6 +63,8 @@ LIGHT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c != IMAGE)
 
 _REINGEST = "re-run `melanoma-dist ingest --config <your config>`"
 _PARTIAL_SUFFIX = ".partial"
+OWN_FILES: tuple[str, ...] = (MANIFEST, "shard-*.parquet", f"shard-*{_PARTIAL_SUFFIX}", "folds/k*-seed*")
+"""Glob patterns of the files melanoma-dist writes in a dataset folder (folds as `data.folds.folds_path` names them)."""
 # zstd at a fixed level: deterministic output; the image bytes are already compressed,
 # so a higher level would cost time for nothing. No statistics on the image column:
 # min/max of JPEG bytes are useless and would bloat the footer.
@@ -148,17 +151,57 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: there is no manifest (the dataset was not ingested).
-        ValueError: the manifest was written by an incompatible format version.
+        ValueError: the manifest is damaged (not JSON, no list of shards) or was written
+            by an incompatible format version.
     """
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: run `melanoma-dist ingest --config ...` first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: cut short or overwritten
+        raise ValueError(_damaged(path, f"not valid JSON: {e}")) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(_damaged(path, f"a JSON {type(manifest).__name__}, not an object"))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path} has schema_version {version!r} but this melanoma-dist reads version "
                          f"{SCHEMA_VERSION}: {_REINGEST}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+        raise ValueError(_damaged(path, f"'shards' is {shards!r}, not a list of file names"))
     return manifest
+
+
+def own_files(dataset_dir: str | Path) -> list[Path]:
+    """The files melanoma-dist wrote in a dataset folder (manifest, shards, folds), not the user's."""
+    root = Path(dataset_dir)
+    return sorted({p for pattern in OWN_FILES for p in root.glob(pattern) if p.is_file()})
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return f"{path} is damaged or truncated ({detail}): {_REINGEST}"
+
+
+@contextlib.contextmanager
+def _shard_errors(path: str | Path) -> Iterator[None]:
+    """Turn Arrow's errors on a damaged shard (which do not name the file) into a ValueError that does."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(_damaged(Path(path), str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+
+
+def num_rows(path: str | Path) -> int:
+    """Rows of one shard, from its footer.
+
+    Raises:
+        ValueError: the shard is damaged or truncated.
+    """
+    with _shard_errors(path):
+        return pq.ParquetFile(path).metadata.num_rows
 
 
 def shard_paths(dataset_dir: str | Path) -> list[Path]:
@@ -190,12 +233,13 @@ def read_columns(dataset_dir: str | Path, columns: Sequence[str]) -> pa.Table:
         raise ValueError(f"unknown shard column {unknown[0]!r}; valid columns: {list(COLUMNS)}")
     tables = []
     for p in shard_paths(dataset_dir):
-        pf = pq.ParquetFile(p)
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise ValueError(f"shard {p} has no column {missing[0]!r} (columns: {pf.schema_arrow.names}): "
-                             f"it was written by an older ingest; {_REINGEST}")
-        tables.append(pf.read(columns=list(columns)))
+        with _shard_errors(p):
+            pf = pq.ParquetFile(p)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"shard {p} has no column {missing[0]!r} (columns: {pf.schema_arrow.names}): "
+                                 f"it was written by an older ingest; {_REINGEST}")
+            tables.append(pf.read(columns=list(columns)))
     return pa.concat_tables(tables)
 
 
@@ -206,8 +250,13 @@ def read_images(path: str | Path, row_indices: Sequence[int] | None = None) -> l
 
     Raises:
         IndexError: a row index is outside the shard.
+        ValueError: the shard is damaged or truncated.
     """
-    pf = pq.ParquetFile(path)
+    with _shard_errors(path):
+        return _read_images(pq.ParquetFile(path), path, row_indices)
+
+
+def _read_images(pf: pq.ParquetFile, path: str | Path, row_indices: Sequence[int] | None) -> list[bytes]:
     if row_indices is None:
         return pf.read(columns=[IMAGE]).column(IMAGE).to_pylist()
     meta = pf.metadata

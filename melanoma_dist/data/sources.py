@@ -13,14 +13,19 @@ Three layouts are understood:
   split columns. Images are found through `image_dir` (may contain `{split}`) or in
   `<csv dir>/<split>/`, `<csv dir>/images/`, `<csv dir>/`.
 
-Rows whose image file is missing are not an error: they are returned as skipped items
-(reason "image file not found") so that ingest reports them in the manifest.
+Rows whose image file is missing, and CSV rows with an empty split cell when `splits`
+filters on it, are not an error: they are returned as skipped items with the reason, so
+that ingest reports them in the manifest. Broken symbolic links are kept as records: decoding
+them fails with the reason ("dangling symbolic link", "symbolic link loop"), also counted.
+Image files that no label names (images directly in a folder source's root, images beside
+a CSV's images that no row mentions) are listed as unlabelled, for the manifest and the log.
 
 Example:
 
 ```python
 records, skipped = read_source(SourceConfig(kind="ham10000", path="../shared/data/ham10000"))
 records[0].image_id, records[0].raw_label, records[0].group  # ('ISIC_0024306', 'nv', 'HAM_0000550')
+scan_source(SourceConfig(kind="csv", path="labels.csv")).unlabelled  # ['images/not_in_csv.jpg']
 ```
 """
 
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from melanoma_dist.config import SourceConfig
+from melanoma_dist.data.images import is_file_or_broken_link
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,11 @@ HAM_IMAGE_DIRS: tuple[str, ...] = ("images", ".", "HAM10000_images_part_1", "HAM
 HAM_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
 
 MISSING_IMAGE = "image file not found"
+EMPTY_SPLIT = "empty {column!r} cell"
+"""Skip reason of a CSV row without a split when `splits` filters on it (formatted with the column)."""
+
+UNLABELLED_SAMPLE = 5
+"""Unlabelled image files named in the log and the manifest."""
 
 
 @dataclass(frozen=True)
@@ -79,40 +90,68 @@ class SkippedItem:
         return dataclasses.asdict(self)
 
 
-def read_source(src: SourceConfig) -> tuple[list[SourceRecord], list[SkippedItem]]:
-    """Read the records of one source, sorted by image id.
+@dataclass(frozen=True)
+class SourceScan:
+    """What reading one source found."""
 
-    Args:
-        src: the source's configuration.
+    records: list[SourceRecord]
+    """Labelled images, sorted by image id."""
+    skipped: list[SkippedItem]
+    """Labelled rows left out before decoding (image file not found, empty split cell), sorted by path."""
+    unlabelled: list[str]
+    """Image files the source holds but no label names, sorted: they are not ingested."""
+    label_file: str = ""
+    """The CSV the labels come from; empty for a folder source."""
+
+
+def read_source(src: SourceConfig) -> tuple[list[SourceRecord], list[SkippedItem]]:
+    """Read the records of one source, sorted by image id (`scan_source` without the unlabelled files).
 
     Returns:
         The records whose image file exists, and the rows skipped because it does not.
 
     Raises:
+        See `scan_source`.
+    """
+    scan = scan_source(src)
+    return scan.records, scan.skipped
+
+
+def scan_source(src: SourceConfig) -> SourceScan:
+    """Read one source: its labelled images, the rows it skips and the image files no label names.
+
+    Args:
+        src: the source's configuration.
+
+    Raises:
         FileNotFoundError: the folder or CSV does not exist (the message shows the expected layout).
-        ValueError: a required column is missing, a label cell is empty, or an image id repeats.
+        ValueError: the CSV is empty, has no rows or is not UTF-8; a required column is missing,
+            a label cell is empty, or an image id repeats.
     """
     name = src.display_name
-    if src.kind == "folder":
-        records, skipped = _read_folder(src, name)
-    elif src.kind == "ham10000":
-        records, skipped = _read_ham10000(src, name)
-    elif src.kind == "csv":
-        records, skipped = _read_csv_source(src, name)
-    else:  # pragma: no cover - config validation rejects other kinds
-        raise ValueError(f"unknown source kind {src.kind!r}; valid kinds: folder, ham10000, csv")
-    _check_unique_ids(records, name)
-    if skipped:
-        logger.warning("source %r: %d labelled images have no image file (first: %s)",
-                       name, len(skipped), skipped[0].path)
-    logger.info("source %r: %d images", name, len(records))
-    return (sorted(records, key=lambda r: (r.image_id, r.path)),
-            sorted(skipped, key=lambda s: (s.path, s.image_id)))
+    readers = {"folder": _read_folder, "ham10000": _read_ham10000, "csv": _read_csv_source}
+    if src.kind not in readers:  # pragma: no cover - config validation rejects other kinds
+        raise ValueError(f"unknown source kind {src.kind!r}; valid kinds: {list(readers)}")
+    scan = readers[src.kind](src, name)
+    _check_unique_ids(scan.records, name)
+    if scan.skipped:
+        reasons = Counter(s.reason for s in scan.skipped)
+        logger.warning("source %r: %d labelled images skipped (%s; first: %s)", name, len(scan.skipped),
+                       ", ".join(f"{r}: {n}" for r, n in reasons.items()), scan.skipped[0].path)
+    if scan.unlabelled:
+        why = f"no row of {scan.label_file} names them" if scan.label_file else "they are not in a class folder"
+        logger.warning("source %r: %d image file(s) not ingested because %s: %s%s", name, len(scan.unlabelled),
+                       why, ", ".join(sorted(scan.unlabelled)[:UNLABELLED_SAMPLE]),
+                       ", ..." if len(scan.unlabelled) > UNLABELLED_SAMPLE else "")
+    logger.info("source %r: %d images", name, len(scan.records))
+    return SourceScan(records=sorted(scan.records, key=lambda r: (r.image_id, r.path)),
+                      skipped=sorted(scan.skipped, key=lambda s: (s.path, s.image_id)),
+                      unlabelled=sorted(scan.unlabelled), label_file=scan.label_file)
 
 
 # ---------------------------------------------------------------- layouts
 
-def _read_folder(src: SourceConfig, name: str) -> tuple[list[SourceRecord], list[SkippedItem]]:
+def _read_folder(src: SourceConfig, name: str) -> SourceScan:
     root = Path(src.path)
     layout = f"expected {root}/<class>/<image files>, e.g. {root}/mel/ISIC_0000001.jpg"
     if not root.is_dir():
@@ -120,17 +159,18 @@ def _read_folder(src: SourceConfig, name: str) -> tuple[list[SourceRecord], list
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise FileNotFoundError(f"folder source {name!r}: {root} has no class folders; {layout}")
-    loose = [f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-    if loose:
-        logger.warning("folder source %r: ignoring %d images directly in %s (not in a class folder)",
-                       name, len(loose), root)
-    files = [(d.name, f) for d in class_dirs for f in sorted(d.iterdir())
-             if f.is_file() and not f.name.startswith(".")]
+    loose = [str(f) for f in root.iterdir() if _is_candidate(f) and f.suffix.lower() in IMAGE_EXTENSIONS]
+    files = [(d.name, f) for d in class_dirs for f in sorted(d.iterdir()) if _is_candidate(f)]
     ids = _folder_ids(files)
     records = [SourceRecord(image_id=image_id, path=str(f), raw_label=label, label_type=src.label_type,
                             group=image_id, source=name, where=str(f))
                for (label, f), image_id in zip(files, ids)]
-    return records, []
+    return SourceScan(records, [], loose)
+
+
+def _is_candidate(f: Path) -> bool:
+    """A non-hidden file, or a broken symbolic link (kept so that its decoding failure is counted)."""
+    return not f.name.startswith(".") and is_file_or_broken_link(f)
 
 
 def _folder_ids(files: Sequence[tuple[str, Path]]) -> list[str]:
@@ -148,7 +188,7 @@ def _folder_ids(files: Sequence[tuple[str, Path]]) -> list[str]:
     return ids
 
 
-def _read_ham10000(src: SourceConfig, name: str) -> tuple[list[SourceRecord], list[SkippedItem]]:
+def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
     root = Path(src.path)
     meta = root / HAM_METADATA
     if src.label_type != "dx":
@@ -165,6 +205,7 @@ def _read_ham10000(src: SourceConfig, name: str) -> tuple[list[SourceRecord], li
     for line, row in _read_table(meta, HAM_COLUMNS):
         where = f"{meta} line {line}"
         image_id = _required_cell(row, "image_id", where)
+        finder.mention(image_id)
         label = _required_cell(row, "dx", where)
         found = finder.find(dirs, image_id, (".jpg",))
         if found is None:
@@ -172,10 +213,10 @@ def _read_ham10000(src: SourceConfig, name: str) -> tuple[list[SourceRecord], li
             continue
         records.append(SourceRecord(image_id=image_id, path=str(found), raw_label=label, label_type="dx",
                                     group=row["lesion_id"].strip() or image_id, source=name, where=where))
-    return records, skipped
+    return SourceScan(records, skipped, finder.unmentioned(records), str(meta))
 
 
-def _read_csv_source(src: SourceConfig, name: str) -> tuple[list[SourceRecord], list[SkippedItem]]:
+def _read_csv_source(src: SourceConfig, name: str) -> SourceScan:
     csv_path = Path(src.path)
     key_column = src.path_column or src.id_column
     if not csv_path.is_file():
@@ -193,10 +234,17 @@ def _read_csv_source(src: SourceConfig, name: str) -> tuple[list[SourceRecord], 
     finder = _ImageFinder()
     records: list[SourceRecord] = []
     skipped: list[SkippedItem] = []
+    other_splits = 0
     for line, row in _read_table(csv_path, required):
         where = f"{csv_path} line {line}"
+        finder.mention(row.get(src.id_column, ""), Path(row.get(src.path_column, "")).name)
         split = row.get(src.split_column, "").strip()
         if src.splits and split not in src.splits:
+            if split:
+                other_splits += 1
+            else:  # not a row of another split but a label nobody meant to leave out: count it
+                skipped.append(SkippedItem(name, where, row.get(key_column, "").strip(),
+                                           EMPTY_SPLIT.format(column=src.split_column)))
             continue
         if src.path_column:
             rel = _required_cell(row, src.path_column, where)
@@ -218,7 +266,10 @@ def _read_csv_source(src: SourceConfig, name: str) -> tuple[list[SourceRecord], 
     if src.splits and not records and not skipped:
         logger.warning("csv source %r: no row of %s has %s in %s", name, csv_path, src.split_column,
                        list(src.splits))
-    return records, skipped
+    elif other_splits:
+        logger.info("csv source %r: %d rows of %s have another %s than %s", name, other_splits, csv_path,
+                    src.split_column, list(src.splits))
+    return SourceScan(records, skipped, finder.unmentioned(records), str(csv_path))
 
 
 def _csv_image_dirs(src: SourceConfig, base: Path, split: str, where: str) -> list[Path]:
@@ -236,20 +287,35 @@ def _read_table(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict
     """Yield (line number, row) of a CSV after checking that the `required` columns exist.
 
     Raises:
-        ValueError: a required column is missing (naming it and the columns found).
+        ValueError: the file is empty, not UTF-8 or not CSV; a required column is missing
+            (naming it and the columns found); or there is no row after the header.
     """
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would
-    # otherwise become part of the first column name.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        for column in required:
-            if column not in header:
-                raise ValueError(f"{path}: missing column {column!r}; columns found: {header}. "
-                                 f"Fix the CSV or set the source's column options (e.g. label_column)")
-        for values in reader:
-            if any(v.strip() for v in values):  # blank lines are not rows
-                yield reader.line_num, dict(zip(header, values))
+    rows = 0
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark that would
+        # otherwise become part of the first column name.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
+                raise ValueError(f"{path} is empty: expected a header line with the columns {list(required)}, "
+                                 f"then one row per image")
+            for column in required:
+                if column not in header:
+                    raise ValueError(f"{path}: missing column {column!r}; columns found: {header}. "
+                                     f"Fix the CSV or set the source's column options (e.g. label_column)")
+            for values in reader:
+                if any(v.strip() for v in values):  # blank lines are not rows
+                    rows += 1
+                    yield reader.line_num, dict(zip(header, values))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} cannot be decoded): "
+                         f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > utf8.csv`") from None
+    except csv.Error as e:
+        raise ValueError(f"{path} is not a readable CSV file: {e}") from None
+    if not rows:
+        raise ValueError(f"{path} has no rows, only a header: add one row per image, or remove the source "
+                         f"from data.sources")
 
 
 def _required_cell(row: dict[str, str], column: str, where: str) -> str:
@@ -269,7 +335,7 @@ def _check_unique_ids(records: Sequence[SourceRecord], name: str) -> None:
 
 
 class _ImageFinder:
-    """Finds `<id><ext>` in a list of folders, listing each folder once.
+    """Finds `<id><ext>` in a list of folders, listing each folder once; tells which images no row mentions.
 
     Listing once replaces one stat call per id, extension and folder (tens of thousands
     on a network file system) with one directory scan.
@@ -277,15 +343,33 @@ class _ImageFinder:
 
     def __init__(self) -> None:
         self._listings: dict[Path, dict[str, str]] = {}
+        self._mentioned: set[str] = set()
 
     def _names(self, folder: Path) -> dict[str, str]:
         if folder not in self._listings:
             try:
                 with os.scandir(folder) as it:
-                    self._listings[folder] = {e.name.lower(): e.name for e in it if e.is_file()}
+                    # Broken links are listed too: decoding them fails with the reason, which is counted.
+                    self._listings[folder] = {e.name.lower(): e.name for e in it
+                                              if e.is_file() or is_file_or_broken_link(e.path)}
             except (FileNotFoundError, NotADirectoryError):
                 self._listings[folder] = {}
         return self._listings[folder]
+
+    def mention(self, *names: str) -> None:
+        """Note ids or file names that a row of the label file mentions (whether or not the row is kept)."""
+        self._mentioned.update(n.strip().lower() for n in names if n.strip())
+
+    def unmentioned(self, records: Sequence[SourceRecord]) -> list[str]:
+        """Image files in the folders the records' images are in that no row mentions, by id or file name."""
+        out = []
+        for folder in sorted({os.path.dirname(r.path) for r in records}):  # strings: Path() is slow on 10k files
+            for name in self._names(Path(folder)).values():
+                stem, ext = os.path.splitext(name)
+                if (ext.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+                        and stem.lower() not in self._mentioned and name.lower() not in self._mentioned):
+                    out.append(os.path.join(folder, name))
+        return out
 
     def find(self, folders: Sequence[Path], image_id: str, extensions: Sequence[str]) -> Path | None:
         """The first `<folder>/<image_id><ext>` that exists (extension case-insensitive), or None."""

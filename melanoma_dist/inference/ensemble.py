@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import math
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from melanoma_dist.inference.tta import tta_mode, views
+from melanoma_dist.inference.tta import TTA_MODES, tta_mode, views
 from melanoma_dist.report.calibration import apply_temperature
 
 logger = logging.getLogger(__name__)
@@ -57,8 +60,8 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     """Read and check a model directory's `model.json`.
 
     Raises:
-        ModelDirError: no such directory, no model.json, another format or version, or
-            missing keys or member files.
+        ModelDirError: no such directory, no model.json, not a JSON object, another format or
+            version, missing keys or member files, or a value of the wrong type or range.
     """
     d = Path(model_dir)
     path = d / MODEL_JSON
@@ -72,16 +75,70 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{path} is not valid JSON ({e}): export the model again") from None
+    if not isinstance(spec, dict):
+        raise ModelDirError(f"{path} must hold a JSON object, got a {type(spec).__name__}: export the model again")
     if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
         raise ModelDirError(f"{path} has format {spec.get('format')!r} version {spec.get('format_version')!r}; "
                             f"this melanoma-dist reads {FORMAT!r} version {FORMAT_VERSION}: export it again")
     missing = [k for k in REQUIRED_KEYS if k not in spec]
     if missing:
         raise ModelDirError(f"{path} lacks {missing}: export the model again")
+    _check_values(spec, path)
     absent = [m for m in spec["members"] if not (d / m).is_file()]
     if absent:
         raise ModelDirError(f"{d} lacks the member model(s) {absent} listed in {MODEL_JSON}: export it again")
     return spec
+
+
+def _value(spec: dict[str, Any], path: Path, key: str, ok: Callable[[Any], bool], what: str) -> Any:
+    """`spec[a][b]` for key `a.b` (or `spec[a]`), checked by `ok`; a ModelDirError naming the file and key if not."""
+    node: Any = spec
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if not ok(node):
+        raise ModelDirError(f"{path}: {key} must be {what}, got {node!r}: export the model again")
+    return node
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_list(v: Any, min_len: int) -> bool:
+    return isinstance(v, list) and len(v) >= min_len and all(isinstance(x, str) for x in v)
+
+
+def _check_values(spec: dict[str, Any], path: Path) -> None:
+    """The values inference relies on have the right type and range (a hand-edited file fails here, not mid-run)."""
+    _value(spec, path, "members", lambda v: _is_str_list(v, 1), "a non-empty list of file names")
+    names = _value(spec, path, "class_names", lambda v: _is_str_list(v, 2), "a list of at least 2 class names")
+    _value(spec, path, "decision_index", lambda v: isinstance(v, int) and not isinstance(v, bool)
+           and 0 <= v < len(names), f"an index of class_names (0 to {len(names) - 1})")
+    _value(spec, path, "input.image_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+           "a positive integer")
+    _value(spec, path, "calibration.temperature", lambda v: _is_number(v) and v > 0, "a finite number > 0")
+    _value(spec, path, "operating_point.threshold", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    _value(spec, path, "ensemble.tta", lambda v: v in TTA_MODES or isinstance(v, bool), f"one of {list(TTA_MODES)}")
+
+
+def _load_member(path: Path) -> Any:
+    """Load one fold model; a damaged file is named as such (Keras calls a broken zip "File not found")."""
+    import keras
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise ModelDirError(f"member model {path} is corrupt: not a readable .keras (zip) file ({e}); "
+                            f"export the model again") from None
+    if damaged is not None:
+        raise ModelDirError(f"member model {path} is corrupt: its entry {damaged} fails its checksum; "
+                            f"export the model again")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (KeyError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as e:  # a sound zip, wrong content
+        raise ModelDirError(f"member model {path} is unreadable ({type(e).__name__}: {e}); "
+                            f"export the model again") from None
 
 
 class Ensemble:
@@ -105,14 +162,12 @@ class Ensemble:
         """Load an exported model directory.
 
         Raises:
-            ModelDirError: see `read_model_json`, or a member's input or output shape does
-                not match model.json.
+            ModelDirError: see `read_model_json`, a member file is corrupt, or a member's input
+                or output shape does not match model.json.
         """
-        import keras
-
         d = Path(model_dir)
         spec = read_model_json(d)
-        members = [keras.models.load_model(d / m, compile=False) for m in spec["members"]]
+        members = [_load_member(d / m) for m in spec["members"]]
         ens = cls(spec, members, d)
         for m, model in zip(spec["members"], members):
             ens.check_member(model, m)

@@ -1,9 +1,9 @@
 """`melanoma-dist predict`: score image files with an exported model.
 
 Every file is prepared like a training image (`inference.images.load_file`). A file that
-cannot be used (missing, empty, not an image, truncated, too small) gets an error entry
-with the reason and the other files are still scored. Folders are searched recursively
-(hidden files and folders skipped), in sorted order.
+cannot be used (missing, empty, not an image, truncated, too small, a broken symbolic link)
+gets an error entry with the reason and the other files are still scored. Folders are
+searched recursively (hidden files and folders skipped), in sorted order.
 
 Example:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma_dist.data.images import BadImageError
+from melanoma_dist.data.images import BadImageError, is_file_or_broken_link
 from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.inference.ensemble import Ensemble
 from melanoma_dist.inference.images import load_file
@@ -56,14 +56,20 @@ class Prediction:
 def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
     """Files to score: each file as given, each folder's non-hidden files (recursive, sorted).
 
-    A path that does not exist is kept, so that it gets a per-file error.
+    A path that does not exist is kept, so that it gets a per-file error; so are a folder's
+    broken symbolic links (dangling, or loops), which are also named in a warning.
     """
     out: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file()
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = sorted(f for f in p.rglob("*") if not any(part.startswith(".") for part in f.relative_to(p).parts)
+                           and is_file_or_broken_link(f))
+            broken = [f for f in found if not f.is_file()]
+            if broken:
+                logger.warning("%s: %d broken symbolic links, reported as errors: %s", p, len(broken),
+                               ", ".join(str(f.relative_to(p)) for f in broken))
+            out += found
         else:
             out.append(p)
     return out

@@ -7,6 +7,11 @@ run's output directory:
 - `oof_predictions.csv`: every out-of-fold prediction, with its fold;
 - `cv_summary.json`: mean and sample standard deviation (ddof=1) of every scalar
   metric over folds, and the metrics of the pooled out-of-fold predictions.
+
+A fold whose validation set lacks a class that the run has (possible only in runs
+made before `make_folds` refused such folds) is left out of the mean and standard
+deviation, with a warning: its balanced accuracy and ROC-AUC are undefined (older
+versions wrote 1.0 and None). Its predictions still count in the pooled metrics.
 """
 
 from __future__ import annotations
@@ -51,8 +56,17 @@ def mean_std(values: Sequence[float | None]) -> dict:
             "n": int(len(v))}
 
 
+def missing_classes(fold_metrics: dict, classes: Sequence[str]) -> list[str]:
+    """The classes of `classes` that a fold's validation set has no image of."""
+    per_class = fold_metrics.get("per_class", {})
+    return [c for c in classes if c in per_class and per_class[c].get("support") == 0]
+
+
 def aggregate_cv(output_dir: str | Path, k: int, melanoma_index: int | None = None) -> dict:
     """Aggregate the finished folds of a run; write the CV files; return the summary.
+
+    Folds lacking a class of the run are left out of `mean_std` and listed in
+    `folds_missing_classes`, with a warning.
 
     Args:
         output_dir: The run's output directory (holding `fold-K/`).
@@ -89,11 +103,20 @@ def aggregate_cv(output_dir: str | Path, k: int, melanoma_index: int | None = No
     class_names = next(iter(per_fold.values()))["class_names"]
     probs = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in oof])
     pooled = classification_metrics([int(r["label"]) for r in oof], probs, class_names, melanoma_index)
+    run_classes = [c for c in class_names if c not in pooled["absent_classes"]]
+    lacking = [{"fold": f, "classes": cs} for f, m in sorted(per_fold.items())
+               if (cs := missing_classes(m, run_classes))]
+    for entry in lacking:
+        logger.warning("fold %d has no validation image of class %s: its balanced accuracy and ROC-AUC are "
+                       "undefined, so it is left out of the mean and sd over folds; re-make the folds with a "
+                       "smaller folds.k and run it again", entry["fold"], " or ".join(map(repr, entry["classes"])))
+    scored = [m for f, m in per_fold.items() if f not in {e["fold"] for e in lacking}]
     summary = {
         "k": k,
         "folds_finished": sorted(per_fold),
         "folds_missing": [f for f in range(k) if f not in per_fold],
-        "mean_std": {name: mean_std([m.get(name) for m in per_fold.values()])
+        "folds_missing_classes": lacking,
+        "mean_std": {name: mean_std([m.get(name) for m in scored])
                      for name in SCALAR_METRICS if any(name in m for m in per_fold.values())},
         "pooled_oof": pooled,
         "num_oof_predictions": len(oof),
@@ -128,4 +151,6 @@ def format_table(output_dir: str | Path, summary: dict) -> str:
     table.append(["mean±sd", ""] + [f"{num(ms[m]['mean'])}±{num(ms[m]['std'])}" for m in shown] + ["", "", ""])
     table.append(["pooled", str(pooled["num_samples"])] + [num(pooled.get(m)) for m in shown] + ["", "", ""])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table)
+    notes = [f"fold {e['fold']} left out of mean±sd: no validation image of class {' or '.join(e['classes'])}"
+             for e in summary.get("folds_missing_classes", [])]
+    return "\n".join(["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table] + notes)

@@ -31,6 +31,8 @@ from melanoma_dist.report.result import CVResult
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
+DEFAULT_REPORT_DIR = "report"
+"""Default report folder, inside the result directory."""
 EVALUATION_FILE = "evaluation.json"
 
 
@@ -110,7 +112,7 @@ def write_report(result_dir: str | Path, out_dir: str | Path | None = None,
         ResultError: the result directory is missing or has no finished fold.
     """
     result = CVResult.load(result_dir)
-    out = Path(out_dir) if out_dir is not None else result.result_dir / "report"
+    out = Path(out_dir) if out_dir is not None else result.result_dir / DEFAULT_REPORT_DIR
     card_path = out / "model_card.md" if out_dir is not None else result.result_dir / "model_card.md"
     out.mkdir(parents=True, exist_ok=True)
     ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)

@@ -5,14 +5,15 @@ The driver (this module) prepares the dataset and folds once, connects to Ray
 per unfinished fold. Groups run concurrently as far as the cluster's resources
 allow and queue otherwise. A fold whose worker or node dies is started again,
 up to `distributed.max_retries` times, and resumes from its last saved epoch.
-Finished folds (those with `fold-K/metrics.json`) are never re-run, so running
-`cv` again with the same output directory finishes an interrupted run.
+Finished folds (those with `fold-K/metrics.json`) of the same data are not
+re-run, so running `cv` again with the same output directory finishes an
+interrupted run; a finished fold of other data (dataset re-ingested, folds
+re-made) is run again (see `split_finished`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,10 +27,13 @@ from typing import Sequence
 
 from melanoma_dist import labels as label_schemes
 from melanoma_dist.config import Config, config_from_dict
+from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.data.prepare import prepare
 from melanoma_dist.log import setup_logging
+from melanoma_dist.metrics import format_metric
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
+from melanoma_dist.results import METRICS_FILE, discard_fold_result, fold_dir
 from melanoma_dist.schedule.horovod_group import GroupSpec, run_horovod_group
 
 logger = logging.getLogger(__name__)
@@ -69,9 +73,8 @@ def _versions() -> dict[str, str]:
 
 def write_run_manifest(cfg: Config, ray_address: str) -> Path:
     """Record what produced this run: config, versions, data manifest hash, seeds, cluster."""
-    manifest_bytes = (Path(cfg.data.dataset_dir) / shards.MANIFEST).read_bytes()
     run = {"config": cfg.to_dict(), "versions": _versions(),
-           "data_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+           "data_manifest_sha256": fold_io.dataset_sha256(cfg.data.dataset_dir),
            "seeds": {"folds": cfg.folds.seed, "train": cfg.train.seed},
            "ray_address": ray_address, "command": " ".join(sys.argv)}
     out = Path(cfg.output_dir) / "run_manifest.json"
@@ -102,6 +105,53 @@ def _connect(address: str) -> tuple[str, bool]:
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
         logger.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     return address or "local", True
+
+
+def fold_fingerprints(cfg: Config, manifest: dict, fold_of_row: Sequence[int],
+                      folds: Sequence[int]) -> dict[int, dict[str, str]]:
+    """Check that each fold can be scored, and return the data fingerprint of each.
+
+    Raises:
+        ValueError: a fold lacks a class (folds made before `make_folds` refused that).
+    """
+    index = shards.read_columns(cfg.data.dataset_dir, ["image_id", "label"])
+    fold_io.check_fold_classes(index["label"].to_numpy(), fold_of_row, manifest["class_names"], folds)
+    ids = index["image_id"].to_pylist()
+    return {f: fold_io.data_fingerprint(cfg.data.dataset_dir, fold_of_row, f, ids) for f in folds}
+
+
+def split_finished(output_dir: str | Path, folds: Sequence[int],
+                   fingerprints: dict[int, dict[str, str]]) -> tuple[list[int], dict[int, str]]:
+    """Which finished folds to keep, and which to run again because they are of other data.
+
+    A finished fold is kept when its metrics record the data fingerprint it would
+    have now, and run again (with the reason) when they record another one. One
+    that records none, finished by a melanoma-dist that did not record it, is kept
+    with a warning: its data cannot be checked, and re-running it could cost hours;
+    delete its `metrics.json` to run it again. Unfinished folds are in neither.
+
+    Args:
+        output_dir: The run's output directory.
+        folds: The folds wanted.
+        fingerprints: The current data fingerprint of each wanted fold (`fold_fingerprints`).
+
+    Returns:
+        (finished folds to keep, {finished fold to run again: why}).
+    """
+    keep, rerun = [], {}
+    for f in folds:
+        m = load_fold_metrics(output_dir, f)
+        if m is None:
+            continue
+        why = fold_io.fingerprint_change(m.get("data_fingerprint"), fingerprints[f])
+        if why is None or why == fold_io.NO_FINGERPRINT:
+            keep.append(f)
+            if why:
+                logger.warning("fold %d finished in %s, but %s: keeping it; delete %s to run it again", f,
+                               output_dir, why, fold_dir(output_dir, f) / METRICS_FILE)
+        else:
+            rerun[f] = why
+    return keep, rerun
 
 
 class FoldFailed(RuntimeError):
@@ -140,17 +190,21 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
 
     start = time.time()
     cfg = absolute_paths(cfg)
-    prepare(cfg)  # the driver is the only writer of the dataset and the folds
+    manifest, fold_of_row = prepare(cfg)  # the driver is the only writer of the dataset and the folds
+    wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
+    fingerprints = fold_fingerprints(cfg, manifest, fold_of_row, wanted)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
 
-    wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
-    done = [f for f in wanted if load_fold_metrics(out, f) is not None]
+    done, stale = split_finished(out, wanted, fingerprints)
     pending = [f for f in wanted if f not in done]
     if done:
-        logger.info("folds %s already finished in %s: not re-running them", done, out)
+        logger.info("folds %s already finished in %s on the same data: not re-running them", done, out)
     used, started_ray = _connect(address or cfg.distributed.address)
+    for f, why in stale.items():
+        logger.warning("fold %d finished in %s, but %s: running it again", f, out, why)
+        discard_fold_result(out, f)  # should the re-run fail, the fold is missing rather than stale
     write_run_manifest(cfg, used)
     spec = GroupSpec(cfg.distributed.workers_per_fold, cfg.distributed.cpus_per_worker,
                      cfg.distributed.gpus_per_worker)
@@ -160,8 +214,9 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     def one(fold: int) -> None:
         try:
             m = run_fold_with_retries(cfg, fold, spec)
-            logger.info("fold %d finished on node %s: balanced accuracy %.3f, ROC-AUC %s (%d of %d folds done)",
-                        fold, str(m.get("node_id", "?"))[:8], m["balanced_accuracy"], m["roc_auc"],
+            logger.info("fold %d finished on node %s: balanced accuracy %s, ROC-AUC %s (%d of %d folds done)",
+                        fold, str(m.get("node_id", "?"))[:8], format_metric(m["balanced_accuracy"]),
+                        format_metric(m["roc_auc"]),
                         sum(load_fold_metrics(out, f) is not None for f in wanted), len(wanted))
         except FoldFailed as e:
             with lock:

@@ -3,9 +3,11 @@
 At the end of every epoch rank 0 writes `resume/last.weights.h5` (model weights
 and optimizer state), `resume/best.npz` (model weights only) when the monitored
 metric improved, and `resume/state.json` (the next epoch, the training phase,
-the early-stopping and learning-rate-plateau counters, and a fingerprint of the
-config, so that a checkpoint is never loaded into a different model). A restarted fold loads them, so patience, the
-best weights so far and the learning rate carry over as if it had never stopped.
+the early-stopping and learning-rate-plateau counters, a fingerprint of the
+config, so that a checkpoint is never loaded into a different model, and one of
+the data, so that it is never resumed on another dataset or fold assignment). A
+restarted fold loads them, so patience, the best weights so far and the learning
+rate carry over as if it had never stopped.
 Files are written under a temporary name and renamed: a crash mid-write leaves
 the previous checkpoint intact.
 """
@@ -95,15 +97,21 @@ class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
     def __init__(self, state: dict | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._resume = state
+        self.best = None
+        self._restore()  # state() is valid even if fit() never runs (the fold already finished)
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)
+    def _restore(self) -> None:
         if self._resume:
             self.best, self.wait, self.cooldown_counter = (self._resume["best"], self._resume["wait"],
                                                            self._resume["cooldown_counter"])
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        self._restore()
+
     def state(self) -> dict:
-        return {"best": float(self.best), "wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter)}
+        best = None if self.best is None else float(self.best)
+        return {"best": best, "wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter)}
 
 
 class FoldCheckpoint(keras.callbacks.Callback):
@@ -111,14 +119,23 @@ class FoldCheckpoint(keras.callbacks.Callback):
 
     Must come after the early-stopping and plateau callbacks in the list, so that
     it saves their state for the epoch that just ended.
+
+    Args:
+        resume_dir: Where the checkpoint goes.
+        early_stopping: Its state is saved.
+        reduce_lr: Its state is saved, if there is one.
+        config_key: Fingerprint of the config (`train.fold.resume_key`).
+        data_fingerprint: The data the fold trains on (`data.folds.data_fingerprint`).
+        phase: The training phase running. Defaults to `0`.
     """
 
     def __init__(self, resume_dir: str | Path, early_stopping: ResumableEarlyStopping,
-                 reduce_lr: ResumableReduceLROnPlateau | None, config_key: str, phase: int = 0) -> None:
+                 reduce_lr: ResumableReduceLROnPlateau | None, config_key: str, data_fingerprint: dict[str, str],
+                 phase: int = 0) -> None:
         super().__init__()
         self.dir = Path(resume_dir)
         self.early_stopping, self.reduce_lr = early_stopping, reduce_lr
-        self.config_key, self.phase = config_key, phase
+        self.config_key, self.data_fingerprint, self.phase = config_key, data_fingerprint, phase
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +143,7 @@ class FoldCheckpoint(keras.callbacks.Callback):
             save_best_weights(self.model.get_weights(), self.dir / BEST)
         _save_weights(self.model, self.dir / LAST)
         state = {"epoch": epoch + 1, "phase": self.phase, "config_key": self.config_key,
+                 "data_fingerprint": self.data_fingerprint,
                  "early_stopping": self.early_stopping.state(),
                  "reduce_lr": self.reduce_lr.state() if self.reduce_lr is not None else None}
         tmp = self.dir / (STATE + ".tmp")

@@ -8,7 +8,10 @@ rank 0 writes files.
 
 Outputs in `<output_dir>/fold-<K>/`: `model.keras`, `history.csv`,
 `predictions.csv` (image_id, group, label, probability per class), and
-`metrics.json`, written last (its presence marks the fold as done).
+`metrics.json`, written last (its presence marks the fold as done). The
+checkpoint and the metrics record the data the fold was made on (the dataset's
+manifest and the fold's image assignment), so that they are never resumed or
+taken as done for other data.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, steps_per_epoch, worker_rows
 from melanoma_dist.distributed import horovod_keras as hk
-from melanoma_dist.metrics import classification_metrics
-from melanoma_dist.results import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.metrics import classification_metrics, format_metric
+from melanoma_dist.results import (HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, discard_fold_result,
+                                   fold_dir)
 from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.train import checkpoint as ckpt
 from melanoma_dist.train.progress import EpochProgress
@@ -68,13 +72,15 @@ class FoldData:
     image_size: int
     train_rows: np.ndarray  # all ranks' training rows (global ids)
     val_rows: np.ndarray  # all ranks' validation rows (global ids)
+    fingerprint: dict[str, str]  # the dataset and split this fold uses (`folds.data_fingerprint`)
 
 
 def load_fold_data(cfg: Config, fold: int) -> FoldData:
     """Read the manifest, row index and fold assignment, and select one fold's rows.
 
     Raises:
-        ValueError: the fold is outside [0, folds.k) or one side of the split is empty.
+        ValueError: the fold is outside [0, folds.k), one side of the split is empty, or
+            the validation side lacks a class (folds made before `make_folds` refused that).
     """
     if not 0 <= fold < cfg.folds.k:
         raise ValueError(f"fold must be in [0, {cfg.folds.k}) for folds.k={cfg.folds.k}, got {fold}")
@@ -85,7 +91,46 @@ def load_fold_data(cfg: Config, fold: int) -> FoldData:
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ValueError(f"fold {fold} leaves an empty training or validation set "
                          f"({len(train_rows)} / {len(val_rows)} images)")
-    return FoldData(index, tuple(manifest["class_names"]), int(manifest["image_size"]), train_rows, val_rows)
+    # Before any training time is spent: a fold without some class cannot be scored.
+    fold_io.check_fold_classes(index.labels, fold_of_row, manifest["class_names"], [fold])
+    fingerprint = fold_io.data_fingerprint(cfg.data.dataset_dir, fold_of_row, fold, index.image_ids)
+    return FoldData(index, tuple(manifest["class_names"]), int(manifest["image_size"]), train_rows, val_rows,
+                    fingerprint)
+
+
+def checkpoint_to_resume(cfg: Config, fold: int, data: FoldData, resume_dir: Path, is_chief: bool) -> dict | None:
+    """The saved state the fold resumes from, or None to start it afresh.
+
+    A checkpoint of other data is not resumed: the dataset was re-ingested, the folds
+    re-made, or it records no data at all (written by an older melanoma-dist, so it
+    may be of other data). The fold then starts afresh, the chief logs why and
+    discards the fold's old `metrics.json`, which no longer describes this fold.
+
+    Args:
+        cfg: The job's config.
+        fold: The validation fold.
+        data: The fold's data (`load_fold_data`).
+        resume_dir: Where the fold's checkpoint is.
+        is_chief: Whether this rank writes (Horovod rank 0).
+
+    Raises:
+        ValueError: the checkpoint is of another configuration.
+    """
+    state = ckpt.load_state(resume_dir)
+    if state is None:
+        return None
+    if state.get("config_key") != resume_key(cfg):
+        raise ValueError(f"{resume_dir} holds a checkpoint of another configuration (model, data or training "
+                         f"settings differ): use another output_dir, or delete {resume_dir.parent} to start this "
+                         f"fold afresh")
+    why = fold_io.fingerprint_change(state.get("data_fingerprint"), data.fingerprint)
+    if why is None:
+        return state
+    if is_chief:
+        logger.warning("fold %d: not resuming the checkpoint in %s after epoch %d: %s; starting the fold afresh",
+                       fold, resume_dir, state["epoch"], why)
+        discard_fold_result(cfg.output_dir, fold)
+    return None
 
 
 def make_optimizer(cfg: Config, learning_rate: float) -> keras.optimizers.Optimizer:
@@ -157,7 +202,8 @@ def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.n
 def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None:
     """Train on every fold but `fold`, validate and score on `fold`.
 
-    A fold that was interrupted resumes from its last finished epoch.
+    A fold that was interrupted resumes from its last finished epoch, if that
+    checkpoint is of the same config and data (see `checkpoint_to_resume`).
 
     Args:
         cfg: The job's config.
@@ -205,10 +251,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
                if cfg.train.class_weight == "balanced" else None)
     # A restarted fold resumes: every rank reads the same checkpoint from the shared output dir.
     resume_dir = out / "resume"
-    state = ckpt.load_state(resume_dir)
-    if state and state.get("config_key") != resume_key(cfg):
-        raise ValueError(f"{resume_dir} holds a checkpoint of another configuration (model, data or training "
-                         f"settings differ): use another output_dir, or delete {out} to start this fold afresh")
+    state = checkpoint_to_resume(cfg, fold, data, resume_dir, ctx.is_chief)
     initial_epoch = resumed_from = state["epoch"] if state else 0
     first_phase = int(state.get("phase", 0)) if state else 0
     es_state, rl_state = (state["early_stopping"], state["reduce_lr"]) if state else (None, None)
@@ -245,7 +288,8 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
         if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
             callbacks += [EpochProgress(fold, cfg.train.epochs),
                           keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=initial_epoch > 0),
-                          ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg), phase=p)]
+                          ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg),
+                                              data.fingerprint, phase=p)]
         if initial_epoch < phase.end_epoch:
             # shuffle=False: the dataset shuffles itself.
             model.fit(train_ds, epochs=phase.end_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps,
@@ -263,6 +307,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     best_epoch = int(es_state["best_epoch"]) if es_state else 0
 
     # Score the full fold: each rank predicts its share, rank 0 gets them all.
+    validation.set_model(model)  # fit() did not, when the fold had already run all its epochs
     rows, probs = validation.predict_fold()
     if not ctx.is_chief:
         return None
@@ -274,12 +319,14 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     model.save(out / MODEL_FILE)
     _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
     metrics.update(extra or {})
-    metrics.update(fold=fold, resumed_from_epoch=resumed_from, workers=ctx.size, host=socket.gethostname(),
+    metrics.update(fold=fold, data_fingerprint=data.fingerprint, resumed_from_epoch=resumed_from, workers=ctx.size,
+                   host=socket.gethostname(),
                    epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=best_epoch + 1,
                    wall_time_s=round(time.time() - start, 1))
     tmp = out / (METRICS_FILE + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, out / METRICS_FILE)
-    logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %.3f, ROC-AUC %s", fold,
-                metrics["wall_time_s"], metrics["accuracy"], metrics["balanced_accuracy"], metrics["roc_auc"])
+    logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %s, ROC-AUC %s", fold,
+                metrics["wall_time_s"], metrics["accuracy"], format_metric(metrics["balanced_accuracy"]),
+                format_metric(metrics["roc_auc"]))
     return metrics

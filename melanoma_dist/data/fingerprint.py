@@ -1,0 +1,144 @@
+"""The fingerprint of a dataset: everything that shapes it, stored in its manifest.
+
+Two datasets with equal fingerprints were made from the same files in the same way. The
+fingerprint holds the settings (label scheme, image size, resize, encoding, JPEG quality,
+colour constancy) and, per source, its options (kind, absolute path, name, label type, CSV
+columns, splits, image folder) and a listing of its files: the label file and every image
+file it names, each with its size and modification time (cheap: no image is read).
+
+`differences` says, in words, what changed between a stored fingerprint and the config's.
+A manifest from before the fingerprint existed gives a partial one (`stored`): its settings
+and its sources' names, kinds, paths and label types, and no file listings.
+
+Example:
+
+```python
+changes = differences(stored(load_manifest("runs/ham64")), current(cfg.data))
+# ["source 'ham10000' path: '/data/ham' in the dataset, '/data/ham2' in the config"]
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from melanoma_dist.config import DataConfig, SourceConfig
+from melanoma_dist.data.sources import SourceScan, scan_source
+
+logger = logging.getLogger(__name__)
+
+SETTINGS: tuple[str, ...] = ("label_scheme", "image_size", "resize", "encoding", "jpeg_quality", "color_constancy")
+"""The `data` settings that shape a dataset (not where it is, nor how it is sharded)."""
+
+_LEGACY_SOURCE_KEYS = ("name", "kind", "path", "label_type")
+"""What manifests from before the fingerprint record of each source."""
+
+
+def fingerprint(cfg: DataConfig, scans: Sequence[SourceScan | None]) -> dict[str, Any]:
+    """The fingerprint of the dataset `cfg` describes, from its sources' scans (None: not listable)."""
+    return {"settings": settings(vars(cfg)),
+            "sources": [_source(src, scan) for src, scan in zip(cfg.sources, scans)]}
+
+
+def current(cfg: DataConfig) -> dict[str, Any]:
+    """The fingerprint of `cfg`'s sources as they are now on disk.
+
+    A source whose folder or CSV is gone keeps its options but gets no file listing (logged):
+    its files cannot be compared, and a dataset ingested from it may still be used.
+    """
+    scans: list[SourceScan | None] = []
+    for src in cfg.sources:
+        try:
+            scans.append(scan_source(src))
+        except FileNotFoundError as e:
+            logger.warning("cannot list the files of source %r, so they are not compared with the dataset's: %s",
+                           src.display_name, e)
+            scans.append(None)
+    return fingerprint(cfg, scans)
+
+
+def stored(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest's fingerprint; a partial one (no file listings) for manifests written before it existed."""
+    if "fingerprint" in manifest:
+        return dict(manifest["fingerprint"])
+    sources = [{k: _abspath(v) if k == "path" else v for k, v in s.items() if k in _LEGACY_SOURCE_KEYS}
+               for s in manifest.get("sources", [])]
+    return {"settings": settings(manifest), "sources": sources}
+
+
+def settings(values: Mapping[str, Any], keys: Iterable[str] = SETTINGS) -> dict[str, Any]:
+    """The shaping settings in `values` (a `data` config or a manifest); absent ones were their default."""
+    out = {k: values.get(k, DataConfig.__dataclass_fields__[k].default) for k in keys}
+    if out.get("encoding", "jpeg") != "jpeg" and "jpeg_quality" in out:
+        out["jpeg_quality"] = None  # PNG ignores it: changing it must not trigger a new ingest
+    return out
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs from the `old` (dataset) fingerprint to the `new` (config) one, one phrase each.
+
+    Only what both hold is compared, so that a partial fingerprint compares what it can.
+    """
+    out = [_differ(k, v, new["settings"][k]) for k, v in old.get("settings", {}).items()
+           if k in new.get("settings", {}) and v != new["settings"][k]]
+    if "sources" not in old or "sources" not in new:
+        return out
+    old_sources, new_sources = old["sources"], new["sources"]
+    if len(old_sources) != len(new_sources):
+        names = [[s.get("name") for s in ss] for ss in (old_sources, new_sources)]
+        return out + [_differ("sources", *names)]
+    for a, b in zip(old_sources, new_sources):
+        label = f"source {b['name']!r}"
+        out += [_differ(f"{label} {k}", v, b[k]) for k, v in a.items() if k != "files" and k in b and v != b[k]]
+        if "files" in a and "files" in b and a["files"] != b["files"]:
+            out.append(_files_changed(label, a["files"], b["files"]))
+    return out
+
+
+# ---------------------------------------------------------------- parts
+
+def _source(src: SourceConfig, scan: SourceScan | None) -> dict[str, Any]:
+    options = dataclasses.asdict(src)
+    options.update(name=src.display_name, path=_abspath(src.path), splits=list(src.splits))
+    if scan is not None:
+        paths = [r.path for r in scan.records] + [s.path for s in scan.skipped]
+        options["files"] = file_listing(paths + [scan.label_file] if scan.label_file else paths)
+    return options
+
+
+def file_listing(paths: Iterable[str]) -> dict[str, Any]:
+    """Count, total size and a SHA-256 over (absolute path, size, modification time) of files.
+
+    A file that cannot be read counts as absent, so that its appearing changes the listing.
+    """
+    lines, total = [], 0
+    for path in sorted({_abspath(p) for p in paths}):
+        try:
+            st = os.stat(path)
+        except OSError:
+            lines.append(f"{path}\t-")
+            continue
+        total += st.st_size
+        lines.append(f"{path}\t{st.st_size}\t{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+    return {"count": len(lines), "bytes": total, "sha256": digest}
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(path) if path else path
+
+
+def _differ(what: str, old: Any, new: Any) -> str:
+    return f"{what}: {old!r} in the dataset, {new!r} in the config"
+
+
+def _files_changed(label: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    size = "{count} files of {bytes} bytes".format
+    if (old["count"], old["bytes"]) == (new["count"], new["bytes"]):
+        return f"{label} files: {size(**old)} as when ingested, but renamed or modified since"
+    return f"{label} files: {size(**old)} when ingested, {size(**new)} now"

@@ -1,0 +1,98 @@
+"""Up-front checks of the folders and files a command will write.
+
+A command calls these before its long work (ingest, training, bootstrap, prediction),
+so that an output path that is a file, or lies on a read-only or forbidden folder, fails
+at once in one line instead of after the work, with a traceback. Nothing is created:
+the checks look at the nearest existing folder and probe it with an anonymous temporary
+file. The errors are OSErrors whose `filename` is the offending path and whose
+`strerror` names the setting (`output_dir`, `--json`), as `cli.main` prints them.
+
+Example:
+
+```python
+ensure_writable_dir(cfg.output_dir, "output_dir")   # before training starts
+ensure_writable_file(args.json, "--json")           # before predicting
+```
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+
+def _existing_folder(path: Path, key: str, target: Path) -> Path:
+    """The nearest existing folder at or above `path`; a file on the way is an error."""
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, so {key} {target} cannot be created under it", str(p))
+    return p
+
+
+def _probe(folder: Path, key: str, target: Path) -> None:
+    """Create and drop an anonymous file in `folder`: the only sure test (permissions, read-only mounts, ACLs)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}: {key} {target} cannot be written there", str(folder)) from None
+
+
+def ensure_writable_dir(path: str | Path, key: str, replaced: bool = False) -> Path:
+    """Check that the folder `path` is, or can be created as, a writable folder.
+
+    Args:
+        path: The folder a command will write.
+        key: The setting that gave it, named in errors (`output_dir`, `data.dataset_dir`, `--out`).
+        replaced: The folder is built beside its target and renamed into place (ingest, export),
+            so its parent must be writable as well. Defaults to `False`.
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        NotADirectoryError: `path`, or a folder above it, is a file.
+        OSError: the folder (or the nearest existing one above it) cannot be written, e.g.
+            PermissionError, or errno 30 on a read-only file system.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{key} is a file, not a folder", str(p))
+    _probe(_existing_folder(p.parent if replaced else p, key, p), key, p)
+    return p
+
+
+def ensure_writable_file(path: str | Path, key: str) -> Path:
+    """Check that the file `path` can be written (created, or overwritten) without creating it.
+
+    Args:
+        path: The file a command will write.
+        key: The option that gave it, named in errors (`--json`, `--csv`).
+
+    Returns:
+        `path` as a Path.
+
+    Raises:
+        IsADirectoryError: `path` is a folder.
+        NotADirectoryError: a folder above it is a file.
+        OSError: it, or the folder it goes in, cannot be written.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{key} is a folder: give a file name", str(p))
+    if p.exists() and not os.access(p, os.W_OK):
+        raise PermissionError(errno.EACCES, f"{key} is a file that cannot be overwritten", str(p))
+    _probe(_existing_folder(p.parent, key, p), key, p)
+    return p
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: its file(s) and its reason, without the `[Errno N]` prefix."""
+    if not e.strerror:  # raised with a message only, e.g. FileNotFoundError("no dataset in ...")
+        return str(e)
+    files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return ": ".join(files + [e.strerror])
