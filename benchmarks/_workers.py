@@ -85,9 +85,9 @@ def build_for_mode(mode: str, cfg: Any, steps: int, out_dir: Path) -> tuple[Any,
         model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss="binary_crossentropy",
                       metrics=["accuracy", keras.metrics.AUC(name="auc")], jit_compile=False)
         return model, []
-    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist import distributed as hk
     from melanoma_dist.train import checkpoint as ckpt
-    from melanoma_dist.train.fold import compile_model, resume_key
+    from melanoma_dist.train.fold import compile_model
 
     model = compile_model(cfg, build_model(cfg.model, cfg.data.image_size, 2, seed=cfg.train.seed), 2,
                           cfg.train.learning_rate)
@@ -98,15 +98,16 @@ def build_for_mode(mode: str, cfg: Any, steps: int, out_dir: Path) -> tuple[Any,
                                               patience=cfg.train.reduce_lr_patience)
     import horovod.tensorflow as hvd
 
-    callbacks = [hk.MetricAverageCallback(),
+    # fit(validation_data=...) validates per rank: sync BatchNorm statistics first (fold.py's FoldValidation does).
+    callbacks = [hk.MetricAverageCallback(), hk.SyncBatchNormStatistics(),
                  hk.WarmupScaledLR(cfg.train.learning_rate, warmup_epochs=cfg.train.warmup_epochs, size=hvd.size(),
                                    steps_per_epoch=steps),
                  plateau, early]
     if hvd.rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         callbacks += [keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
-                      ckpt.FoldCheckpoint(out_dir / "resume", early, plateau, resume_key(cfg),
-                                          data_fingerprint={"data": "random batches"})]
+                      ckpt.FoldCheckpoint(out_dir / "resume", early, plateau, ckpt.resume_key(cfg),
+                                          data_fingerprint={"data": "random batches"}, workers=hvd.size())]
     return model, callbacks
 
 
@@ -166,7 +167,7 @@ def train_modes(spec: dict[str, Any]) -> dict[str, Any]:
         for mode in modes:
             keras.utils.set_random_seed(cfg.train.seed)
             if mode == "ours":
-                from melanoma_dist.distributed import horovod_keras as hk
+                from melanoma_dist import distributed as hk
 
                 hk.init_worker(use_gpu=False)
             model, callbacks = build_for_mode(mode, cfg, spec["steps"], Path(spec["output_dir"]) / f"{mode}-{r}")
@@ -189,7 +190,7 @@ def hvd_rank(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist import distributed as hk
 
     ctx = hk.init_worker(use_gpu=False)
     cfg = _config(spec)
@@ -271,7 +272,7 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
     mode = spec["mode"]
     import keras  # noqa: F401  (TensorFlow start-up is part of every worker)
 
-    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist import distributed as hk
     from melanoma_dist.train import fold as fold_mod
 
     sampler.mark("imports")
@@ -339,7 +340,7 @@ def noop() -> dict[str, Any]:
 
 
 def timed_fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
-    """`melanoma_dist.schedule.folds._fold_worker` plus timestamps of its start, imports and first steps.
+    """`melanoma_dist.schedule.cv._fold_worker` plus timestamps of its start, imports and first steps.
 
     Writes them to `<output_dir>/fold-<K>/bench_timing_rank<R>.json`. Only fit's
     `on_train_batch_begin` is hooked, which keeps Keras' asynchronous batch dispatch on.
@@ -347,8 +348,8 @@ def timed_fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
     t_enter = time.time()
     import keras
 
-    from melanoma_dist.schedule import folds as folds_mod
-    from melanoma_dist.train import fold as _fold  # noqa: F401  (TensorFlow, Horovod, the model code)
+    from melanoma_dist.schedule import cv as folds_mod
+    from melanoma_dist.train import fold  # noqa: F401  (TensorFlow, Horovod, the model code)
 
     t_imported = time.time()
     marks: dict[str, float] = {}
@@ -385,11 +386,11 @@ def timed_fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
 
 
 def driver_versions(spec: dict[str, Any]) -> dict[str, Any]:
-    """What the `cv` driver pays to record library versions: `ours` (schedule.folds._versions, which
+    """What the `cv` driver pays to record library versions: `ours` (schedule.cv._versions, which
     imports TensorFlow, Keras, Horovod, Ray, scikit-learn) or `metadata` (importlib.metadata)."""
     import psutil
 
-    from melanoma_dist.schedule import folds as folds_mod
+    from melanoma_dist.schedule import cv as folds_mod
 
     proc = psutil.Process()
     rss0, start = proc.memory_info().rss, time.perf_counter()

@@ -2,7 +2,7 @@
 
 Questions:
 
-1. Wall time of a 2-fold cross-validation through `melanoma_dist.schedule.folds.run_cv` when
+1. Wall time of a 2-fold cross-validation through `melanoma_dist.schedule.cv.run_cv` when
    Ray runs both folds at once (a 2-CPU cluster, 1 worker x 1 CPU per fold) versus the same
    folds one at a time (`run_cv(folds=[0])`, then `run_cv(folds=[1])`, as `cv --folds 0`
    then `cv --folds 1` would). Speed-up, and efficiency against the ideal 2x.
@@ -24,7 +24,7 @@ output directory (finished folds would be skipped). The workers run
 `benchmarks._workers.timed_fold_worker`, a thin wrapper of the real `_fold_worker` that
 records wall-clock timestamps (worker entered, imports done, first and second
 `on_train_batch_begin`, end of fit) in `fold-K/bench_timing_rank0.json`; it is swapped in
-for `melanoma_dist.schedule.folds._fold_worker` in this process only. Concurrent and
+for `melanoma_dist.schedule.cv._fold_worker` in this process only. Concurrent and
 sequential runs alternate over `--repeats`; medians are reported.
 """
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from benchmarks import _workers
-    from melanoma_dist.schedule import folds as folds_mod
+    from melanoma_dist.schedule import cv as folds_mod
     from melanoma_dist.schedule.horovod_group import GroupSpec, run_horovod_group
 
     results: dict[str, Any] = {}

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from melanoma_dist.config import Config, load_config  # noqa: E402
 from melanoma_dist.cli_evidence import EVIDENCE_COMMANDS, add_evidence_arguments  # noqa: E402
-from melanoma_dist.launch import add_launch_arguments, cmd_launch  # noqa: E402
+from melanoma_dist.submit import add_launch_arguments, cmd_launch  # noqa: E402
 from melanoma_dist.log import setup_logging  # noqa: E402
 from melanoma_dist.paths import ensure_writable_dir, os_error_line  # noqa: E402
 
@@ -101,7 +101,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_cv(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.report.aggregate import format_table
-    from melanoma_dist.schedule.folds import FoldFailed, run_cv
+    from melanoma_dist.schedule.cv import FoldFailed, run_cv
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     ensure_writable_dir(cfg.output_dir, "output_dir")
@@ -124,7 +124,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "folds": (cmd_folds, "(re)make the cross-validation folds and check them for leakage"),
     "train": (cmd_train, "train and score one fold (ingests and makes folds first if needed)"),
     "cv": (cmd_cv, "cross-validate: every fold a Horovod group, scheduled on a Ray cluster"),
-    "launch": (cmd_launch, "run `cv` here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
+    "launch": (lambda cfg, args: cmd_launch(cfg, args, cv=cmd_cv), "run `cv` here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
 }
 
 

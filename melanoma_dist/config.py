@@ -303,9 +303,18 @@ class DistributedConfig:
     cpus_per_worker: int = 1
     """CPUs reserved by Ray for each worker."""
     gpus_per_worker: int = 0
-    """GPUs reserved by Ray for each worker (0 on CPU clusters; NCCL is used when > 0)."""
+    """GPUs reserved by Ray for each worker: 0 (CPU clusters) or 1 (one rank per GPU; NCCL is used).
+    For more GPUs per fold, raise workers_per_fold."""
     max_retries: int = 2
-    """Times a failed fold is retried (resuming from its last saved epoch)."""
+    """Times a fold is retried (resuming from its last saved epoch) after a worker or node died or it hung;
+    other errors (bad config or data, a bug) fail the fold at once."""
+    progress_timeout_s: int = 3600
+    """Seconds a running fold may go without progress (a write in its fold directory, i.e. a finished
+    epoch) before its group is torn down and retried; raise it when one epoch takes longer; 0 disables."""
+    stall_shutdown_s: int = 1800
+    """Seconds Horovod lets the other ranks wait in a collective for a rank that does not join it
+    before it shuts the group down (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS; a warning comes after 60 s);
+    0 disables."""
     address: str = ""
     """Ray cluster address; empty uses RAY_ADDRESS or starts a local Ray."""
 
@@ -313,7 +322,14 @@ class DistributedConfig:
         _check(self.workers_per_fold >= 1, f"distributed.workers_per_fold must be >= 1, got {self.workers_per_fold}")
         _check(self.cpus_per_worker >= 1, f"distributed.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        _check(self.gpus_per_worker <= 1,
+               f"distributed.gpus_per_worker must be 0 or 1, got {self.gpus_per_worker}: each Horovod rank uses one "
+               f"GPU, so more GPUs per worker would sit idle; for {self.gpus_per_worker} GPUs per worker set "
+               f"distributed.gpus_per_worker=1 and distributed.workers_per_fold="
+               f"{self.workers_per_fold * self.gpus_per_worker}")
         _check(self.max_retries >= 0, f"distributed.max_retries must be >= 0, got {self.max_retries}")
+        for key in ("progress_timeout_s", "stall_shutdown_s"):
+            _check(getattr(self, key) >= 0, f"distributed.{key} must be >= 0 (0 disables it), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

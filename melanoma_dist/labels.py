@@ -100,6 +100,14 @@ def melanoma_index(scheme: str) -> int | None:
     return None
 
 
+def reported_melanoma_index(scheme: str) -> int | None:
+    """The class whose one-vs-rest ROC-AUC the metrics add: melanoma in a multi-class scheme.
+
+    None for binary schemes, whose ROC-AUC is already that of class 1.
+    """
+    return melanoma_index(scheme) if len(class_names(scheme)) > 2 else None
+
+
 def provided_schemes(label_type: str) -> tuple[str, ...]:
     """The schemes a source whose labels are of `label_type` can provide."""
     _check_label_type(label_type)

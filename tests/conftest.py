@@ -18,6 +18,18 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_dashboard_patience() -> None:
+    """Ray's dashboard gives each of its modules 30 s to start; on 2 busy cores that is not enough.
+
+    Tests that find actors through `ray.util.state` need the dashboard, and a slow start
+    fails `ray.init` / `ray start` outright. Inherited by every Ray started from a test.
+    """
+    import os
+
+    os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "180")
+
+
 # ============================================================================
 # Ingest-stage fixtures (labels, sources, images, shards, ingest tests).
 # Small subsets of the real data in ../shared/data, built in tmp (never in the repo).

@@ -47,7 +47,7 @@ def make_cv_result(tmp: Path) -> CVRun:
     """Ingest generated images and cross-validate on a local 2-CPU Ray (stopped afterwards)."""
     import ray
 
-    from melanoma_dist.schedule.folds import run_cv
+    from melanoma_dist.schedule.cv import run_cv
 
     data = make_dataset(tmp, n_per_class=N_PER_CLASS, k=K)
     out = tmp / "run"

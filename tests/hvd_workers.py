@@ -1,19 +1,43 @@
-"""Worker bodies of the 2-process Horovod job in test_horovod_keras.py.
+"""Worker bodies of the 2-process Horovod jobs in test_horovod_keras.py and test_ranks_agree.py.
 
-`horovod.run` pickles `run_all` by reference, so it lives in an importable module
-(the workers get the repository root on PYTHONPATH). It runs every scenario in
-one job (TensorFlow start-up dominates) and returns plain numpy results, which
-the tests compare across ranks.
+`horovod.run` pickles the worker functions by reference, so they live in an
+importable module (the workers get the repository root on PYTHONPATH). Each
+runs every scenario of its test module in one job (TensorFlow start-up
+dominates) and returns plain numpy results, which the tests compare across ranks.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 GLOBAL_BATCH = 8
 STEPS = 4
+REPO = Path(__file__).resolve().parents[1]
+WORKER_ENV = {  # 2 ranks on 2 cores: one thread each
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def run_two_ranks(fn: Callable[..., dict[str, Any]], *args: Any) -> list[dict[str, Any]]:
+    """`fn(*args)` on 2 real Horovod ranks over Gloo; its results in rank order."""
+    import horovod
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in WORKER_ENV.items():
+            mp.setenv(key, value)
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        results = horovod.run(fn, args=args, np=2, use_gloo=True, start_timeout=120)
+    assert [r["rank"] for r in results] == [0, 1] and results[0]["size"] == 2
+    return results
 
 
 def tiny_cnn(seed: int = 0) -> Any:
@@ -55,7 +79,7 @@ def run_all() -> dict[str, Any]:
     """Every 2-rank scenario; returns this rank's results."""
     import keras
 
-    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist import distributed as hk
 
     ctx = hk.init_worker(use_gpu=False)
     rank, size = ctx.rank, ctx.size
@@ -98,16 +122,14 @@ def run_all() -> dict[str, Any]:
         out["xla_error"] = str(e)
 
     # 3. MetricAverageCallback on rank-dependent logs.
-    logs = {"loss": float(rank), "auc": 2.0 * rank + 1.0, "steps": rank + 1, "tag": f"rank{rank}"}
+    logs = {"loss": float(rank), "accuracy": 2.0 * rank + 1.0, "steps": rank + 1, "tag": f"rank{rank}"}
     hk.MetricAverageCallback().on_epoch_end(0, logs)
     out["metric_logs"] = logs
 
-    # 4. allgather_rows with uneven first dimensions; scalar helpers.
+    # 4. allgather_rows with uneven first dimensions; barrier.
     rows = 3 if rank == 0 else 2
     out["gathered"] = hk.allgather_rows(np.array([[rank, i] for i in range(rows)], dtype=np.int64))
     out["gathered_bool"] = hk.allgather_rows(np.full((rows,), rank == 1))
-    out["min_steps"] = hk.min_over_ranks(5 if rank == 0 else 3)
-    out["mean"] = hk.allreduce_mean(float(rank))
     hk.barrier()
 
     # 7. mixed_float16: the averaging happens before LossScaleOptimizer's inf/NaN check.
@@ -130,5 +152,87 @@ def run_all() -> dict[str, Any]:
         out["mixed_scale2"] = float(model.optimizer.dynamic_scale.numpy())
     finally:
         keras.config.set_dtype_policy("float32")
+    hk.shutdown()
+    return out
+
+
+# ---------------------------------------------------------------- test_ranks_agree.py
+
+SEED = 3
+VAL_ROWS = 16
+AGREE_MODEL = {"filters": (4,), "convs_per_block": 1, "dense_units": 0, "dropout": 0.5}
+
+
+def agreement_data(rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(this rank's training images and labels, the whole validation fold's images and labels).
+
+    Rank 1's images are brighter, so BatchNorm statistics differ between ranks;
+    validation row i belongs to rank i % 2 and is brightened the same way, and
+    both classes occur on both ranks.
+    """
+    rng = np.random.default_rng(rank)
+    x = (rng.random((24, 8, 8, 3)) * 0.5 + 0.4 * rank).astype("float32")
+    y = (np.arange(24) % 2).astype("float32")
+    val_rng = np.random.default_rng(99)
+    val_y = np.array([0, 0, 1, 1] * (VAL_ROWS // 4))
+    val_x = val_rng.random((VAL_ROWS, 8, 8, 3)) * 0.5 + 0.4 * (np.arange(VAL_ROWS) % 2)[:, None, None, None]
+    val_x += 0.1 * val_y[:, None, None, None]  # a learnable, rank-independent signal
+    return x, y, val_x.astype("float32"), val_y
+
+
+def run_agreement(out_dir: str) -> dict[str, Any]:
+    """One epoch of a BatchNorm + dropout CNN on rank-specific data; what must agree (or not) across ranks."""
+    import keras
+    import tensorflow as tf
+
+    from melanoma_dist import distributed as hk
+    from melanoma_dist.config import ModelConfig
+    from melanoma_dist.model.build import build_model
+    from melanoma_dist.train.validation import FoldValidation
+
+    ctx = hk.init_worker(use_gpu=False)
+    out: dict[str, Any] = {"rank": ctx.rank, "size": ctx.size}
+    cfg = ModelConfig(**AGREE_MODEL)
+
+    def model_of_this_rank() -> Any:  # as train/fold.py builds it
+        return build_model(cfg, 8, 2, seed=SEED, dropout_seed=ctx.rank_seed(SEED))
+
+    # Dropout in training mode on the same input: rank-specific masks, reproducible from the seed.
+    ones = np.ones((4, 4), "float32")
+    out["dropout"] = [np.asarray(model_of_this_rank().get_layer("head_dropout1")(ones, training=True))
+                      for _ in range(2)]
+
+    # One epoch on rank-specific data, validated on the whole fold, as train/fold.py does.
+    x, y, val_x, val_y = agreement_data(ctx.rank)
+    model = model_of_this_rank()
+    model.compile(optimizer=hk.distributed_optimizer(keras.optimizers.Adam(0.01)), loss="binary_crossentropy",
+                  metrics=["accuracy"], jit_compile=False)
+    hk.broadcast_model(model)
+    mine = np.arange(ctx.rank, VAL_ROWS, ctx.size)
+    validation = FoldValidation(tf.data.Dataset.from_tensor_slices(val_x[mine]).batch(4), 2, mine, val_y, 2)
+    history = model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[hk.MetricAverageCallback(), validation])
+    out["history"] = history.history
+    out["weights"] = model.get_weights()
+    out["bn_stats"] = [np.asarray(v.numpy()) for v in hk.batchnorm_statistics(model)]
+    out["rows"], out["probs"] = validation.predict_fold()
+    if ctx.is_chief:  # Horovod: rank 0 saves, as train/fold.py does after scoring
+        model.save(Path(out_dir) / "model.keras")
+
+    # fit(validation_data=...): SyncBatchNormStatistics syncs in on_test_begin, before Keras validates,
+    # so both ranks validate one model (same val_loss with no MetricAverageCallback).
+    model = model_of_this_rank()
+    model.compile(optimizer=hk.distributed_optimizer(keras.optimizers.Adam(0.01)), loss="binary_crossentropy",
+                  jit_compile=False)
+    hk.broadcast_model(model)
+    history = model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, validation_data=(val_x, val_y),
+                        callbacks=[hk.SyncBatchNormStatistics()])
+    out["keras_val_loss"] = history.history["val_loss"]
+
+    # A per-rank AUC in the logs would be averaged over ranks: refused, on every rank alike.
+    try:
+        hk.MetricAverageCallback().on_epoch_end(0, {"loss": 1.0, "val_auc": 0.5 + 0.1 * ctx.rank})
+    except ValueError as e:
+        out["auc_error"] = str(e)
     hk.shutdown()
     return out

@@ -29,7 +29,7 @@ from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.metrics import classification_metrics
 from melanoma_dist.report.aggregate import aggregate_cv, format_table
-from melanoma_dist.results import METRICS_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
 from tests.bad_input import assert_accepted, assert_clear_error, assert_unchanged, run_cli, snapshot
 from tests.synthetic import write_class_folders
 
@@ -165,7 +165,7 @@ SKIP_CASES = [
 @pytest.mark.parametrize("recorded,kept,reason", SKIP_CASES)
 def test_cv_skips_a_finished_fold_only_on_the_same_data(tmp_path: Path, recorded: dict | None, kept: bool,
                                                         reason: str | None, caplog) -> None:
-    from melanoma_dist.schedule.folds import split_finished
+    from melanoma_dist.schedule.cv import split_finished
 
     if recorded is not None:
         fold_dir(tmp_path, 0).mkdir()

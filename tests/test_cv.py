@@ -17,24 +17,19 @@ import pytest
 from melanoma_dist.config import config_from_dict
 from melanoma_dist.data.folds import load_folds
 from melanoma_dist.data.pipeline import RowIndex
-from melanoma_dist.schedule.folds import run_cv
+from melanoma_dist.schedule.cv import run_cv
 from tests.synthetic import make_dataset
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
+from tests.clusters import simulated_cluster  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Workers inherit these: one thread pool each, so 4 workers fit 2 cores.
-    os.environ.update(OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [c.add_node(num_cpus=2) for _ in range(2)]
-    c.wait_for_nodes()
-    yield c, nodes
-    c.shutdown()
+    with simulated_cluster(cpus_per_node=2) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

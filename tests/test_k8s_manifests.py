@@ -22,7 +22,7 @@ from referencing import Registry, Resource
 
 from melanoma_dist.cli import build_parser, main
 from melanoma_dist.config import config_from_dict
-from melanoma_dist.launch import k8s
+from melanoma_dist.submit import k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ("cpu-dev", "gpu", "gpu-interactive")

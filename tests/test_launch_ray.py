@@ -28,7 +28,7 @@ import yaml
 
 from melanoma_dist.cli import build_parser
 from melanoma_dist.config import load_config
-from melanoma_dist.launch import jobs
+from melanoma_dist.submit import jobs
 from tests.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

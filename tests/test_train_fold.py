@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,7 +147,7 @@ def test_horovodrun_two_ranks_score_the_whole_fold(ham_config, tmp_path):
 def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(ham_subset, tmp_path):
     """Head-only epoch, then the head conv unfrozen; a rerun with more epochs resumes into phase 2."""
     from melanoma_dist.config import load_config
-    from melanoma_dist.distributed import horovod_keras as hk
+    from melanoma_dist import distributed as hk
     from melanoma_dist.model.build import backbone_of, build_model, set_backbone_trainable
     from melanoma_dist.train import checkpoint as ckpt
     from melanoma_dist.train.fold import compile_model
@@ -170,7 +169,7 @@ def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(
         set_backbone_trainable(model, cfg.model, ckpt.load_state(out / "resume")["phase"])
         compile_model(cfg, model, 2, cfg.train.learning_rate)
         hk.build_optimizer(model)
-        model.load_weights(out / "resume" / ckpt.LAST)
+        model.load_weights(ckpt.last_weights(out / "resume"))
         return backbone_of(model)
 
     def same(a, b, layer):

@@ -201,8 +201,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
                                                       n_boot, seed, True, True)
     if manifest["label_scheme"] == model.spec["label_scheme"]:
         metrics["classification_all"] = classification_metrics(
-            labels, probs, model.class_names, label_schemes.melanoma_index(manifest["label_scheme"])
-            if len(model.class_names) > 2 else None)
+            labels, probs, model.class_names, label_schemes.reported_melanoma_index(manifest["label_scheme"]))
 
     name = data_dir.name
     ev = {

@@ -30,14 +30,17 @@ from melanoma_dist.model.pretrained import pretrained_weights
 BACKBONE_LAYER = "backbone"
 
 
-def build_model(cfg: ModelConfig, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:
+def build_model(cfg: ModelConfig, image_size: int, num_classes: int, seed: int = 0,
+                dropout_seed: int | None = None) -> keras.Model:
     """Build (not compile) the classifier for `cfg.backbone`.
 
     Args:
         cfg: Architecture settings.
         image_size: Side of the square input images.
         num_classes: 2 gives a single sigmoid output; more gives a softmax.
-        seed: Seed of the initialisers and dropout.
+        seed: Seed of the initialisers (the same on every rank). Defaults to `0`.
+        dropout_seed: Seed of the dropout masks; give each Horovod rank its own
+            (`WorkerContext.rank_seed`). Defaults to `None` (`seed`).
 
     Raises:
         ValueError: fewer than 2 classes, or an input too small for the architecture.
@@ -53,14 +56,15 @@ def build_model(cfg: ModelConfig, image_size: int, num_classes: int, seed: int =
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if cfg.backbone == "simple_cnn":
-        return build_simple_cnn(cfg, image_size, num_classes, seed=seed)
+        return build_simple_cnn(cfg, image_size, num_classes, seed=seed, dropout_seed=dropout_seed)
     if image_size < 32:
         raise ValueError(f"image_size {image_size} is too small for {cfg.backbone} (5 stride-2 stages): use >= 32")
     backbone = lite.efficientnet_lite(cfg.backbone, image_size, name=BACKBONE_LAYER)
     if cfg.pretrained:
         backbone.load_weights(pretrained_weights(cfg.backbone))
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    outputs = classifier_head(backbone(inputs), cfg, num_classes, seed, itertools.count(seed * 1000))
+    outputs = classifier_head(backbone(inputs), cfg, num_classes, seed if dropout_seed is None else dropout_seed,
+                              itertools.count(seed * 1000))
     model = keras.Model(inputs, outputs, name=f"lesion_{cfg.backbone}")
     set_backbone_trainable(model, cfg, cfg.fine_tune_blocks)
     return model

@@ -17,14 +17,16 @@ from melanoma_dist.config import ModelConfig
 from melanoma_dist.model.head import classifier_head
 
 
-def build_simple_cnn(cfg: ModelConfig, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:
+def build_simple_cnn(cfg: ModelConfig, image_size: int, num_classes: int, seed: int = 0,
+                     dropout_seed: int | None = None) -> keras.Model:
     """Build (not compile) the from-scratch CNN (`model.backbone: simple_cnn`).
 
     Args:
         cfg: Architecture settings.
         image_size: Side of the square input images.
         num_classes: 2 gives a single sigmoid output; more gives a softmax.
-        seed: Seed of the weight initialisers and dropout.
+        seed: Seed of the weight initialisers. Defaults to `0`.
+        dropout_seed: Seed of the dropout masks (one per Horovod rank). Defaults to `None` (`seed`).
 
     Raises:
         ValueError: fewer than 2 classes, or an input too small for the pooling stages.
@@ -56,5 +58,5 @@ def build_simple_cnn(cfg: ModelConfig, image_size: int, num_classes: int, seed: 
             x = layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
             x = layers.Activation("relu", name=f"block{b}_relu{c}")(x)
         x = layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
-    outputs = classifier_head(x, cfg, num_classes, seed, seeds)
+    outputs = classifier_head(x, cfg, num_classes, seed if dropout_seed is None else dropout_seed, seeds)
     return keras.Model(inputs, outputs, name="lesion_cnn")

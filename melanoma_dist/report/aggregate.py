@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from melanoma_dist.metrics import classification_metrics
-from melanoma_dist.results import METRICS_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
 
 logger = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def summarize(result: CVResult, target_sensitivity: float = DEFAULT_TARGET_SENSI
     k_dec = result.decision_index
     y, probs, groups = result.oof_labels, result.oof_probs, result.oof_groups
     binary = len(names) == 2
-    mel_index = label_schemes.melanoma_index(result.label_scheme) if not binary else None
+    mel_index = label_schemes.reported_melanoma_index(result.label_scheme)
     pooled = classification_metrics(y, probs, names, mel_index)
 
     cal = calibrate(y, probs, k_dec, target_sensitivity, n_bins)

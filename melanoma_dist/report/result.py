@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from melanoma_dist import labels as label_schemes
-from melanoma_dist.results import METRICS_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ taken as done for other data.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -36,25 +35,15 @@ from melanoma_dist.config import Config
 from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, steps_per_epoch, worker_rows
-from melanoma_dist.distributed import horovod_keras as hk
+from melanoma_dist import distributed as hk
 from melanoma_dist.metrics import classification_metrics, format_metric
-from melanoma_dist.results import (HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, discard_fold_result,
-                                   fold_dir)
+from melanoma_dist.run_files import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
 from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.train import checkpoint as ckpt
 from melanoma_dist.train.progress import EpochProgress
 from melanoma_dist.train.validation import FoldValidation, monitored_metric
 
 logger = logging.getLogger(__name__)
-
-def resume_key(cfg: Config) -> str:
-    """Fingerprint of what a checkpoint depends on; more epochs or other workers may still resume."""
-    d = cfg.to_dict()
-    for volatile in ("epochs", "verbose"):
-        d["train"].pop(volatile)
-    d.pop("distributed")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     """Balanced class weights n / (C * n_c); classes absent from training get weight 0."""
@@ -96,41 +85,6 @@ def load_fold_data(cfg: Config, fold: int) -> FoldData:
     fingerprint = fold_io.data_fingerprint(cfg.data.dataset_dir, fold_of_row, fold, index.image_ids)
     return FoldData(index, tuple(manifest["class_names"]), int(manifest["image_size"]), train_rows, val_rows,
                     fingerprint)
-
-
-def checkpoint_to_resume(cfg: Config, fold: int, data: FoldData, resume_dir: Path, is_chief: bool) -> dict | None:
-    """The saved state the fold resumes from, or None to start it afresh.
-
-    A checkpoint of other data is not resumed: the dataset was re-ingested, the folds
-    re-made, or it records no data at all (written by an older melanoma-dist, so it
-    may be of other data). The fold then starts afresh, the chief logs why and
-    discards the fold's old `metrics.json`, which no longer describes this fold.
-
-    Args:
-        cfg: The job's config.
-        fold: The validation fold.
-        data: The fold's data (`load_fold_data`).
-        resume_dir: Where the fold's checkpoint is.
-        is_chief: Whether this rank writes (Horovod rank 0).
-
-    Raises:
-        ValueError: the checkpoint is of another configuration.
-    """
-    state = ckpt.load_state(resume_dir)
-    if state is None:
-        return None
-    if state.get("config_key") != resume_key(cfg):
-        raise ValueError(f"{resume_dir} holds a checkpoint of another configuration (model, data or training "
-                         f"settings differ): use another output_dir, or delete {resume_dir.parent} to start this "
-                         f"fold afresh")
-    why = fold_io.fingerprint_change(state.get("data_fingerprint"), data.fingerprint)
-    if why is None:
-        return state
-    if is_chief:
-        logger.warning("fold %d: not resuming the checkpoint in %s after epoch %d: %s; starting the fold afresh",
-                       fold, resume_dir, state["epoch"], why)
-        discard_fold_result(cfg.output_dir, fold)
-    return None
 
 
 def make_optimizer(cfg: Config, learning_rate: float) -> keras.optimizers.Optimizer:
@@ -199,21 +153,18 @@ def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.n
                        + [f"{v:.6f}" for v in p])
 
 
-def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None:
-    """Train on every fold but `fold`, validate and score on `fold`.
+@dataclass(frozen=True)
+class _Inputs:
+    """One rank's batches and fit settings for a fold."""
 
-    A fold that was interrupted resumes from its last finished epoch, if that
-    checkpoint is of the same config and data (see `checkpoint_to_resume`).
+    train_ds: tf.data.Dataset
+    steps: int
+    validation: FoldValidation
+    class_weight: dict[int, float] | None
 
-    Args:
-        cfg: The job's config.
-        fold: The validation fold.
-        extra: Entries added to the metrics (e.g. the Ray node and attempt). Defaults to `None`.
 
-    Returns:
-        The metrics dict on rank 0, None on other ranks.
-    """
-    start = time.time()
+def _start_worker(cfg: Config) -> hk.WorkerContext:
+    """Join Horovod, set the precision policy and the seed."""
     # Horovod: one process per GPU, pinned by local rank; a plain process is rank 0 of 1.
     ctx = hk.init_worker(use_gpu=cfg.distributed.gpus_per_worker > 0)
     if cfg.train.mixed_precision:
@@ -221,54 +172,46 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
             keras.mixed_precision.set_global_policy("mixed_float16")
         else:
             logger.warning("train.mixed_precision is set but no GPU is visible: training in float32")
-    keras.utils.set_random_seed(cfg.train.seed)
-    data = load_fold_data(cfg, fold)
-    if data.image_size != cfg.data.image_size:
-        raise ValueError(f"the dataset in {cfg.data.dataset_dir} holds {data.image_size}px images but "
-                         f"data.image_size is {cfg.data.image_size}: re-ingest or set data.image_size={data.image_size}")
-    num_classes = len(data.class_names)
-    out = fold_dir(cfg.output_dir, fold)
-    if ctx.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-        logger.info("fold %d: %d training / %d validation images, %d worker(s), host %s%s",
-                    fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname(),
-                    f", node {str(extra['node_id'])[:8]}" if extra and "node_id" in extra else "")
+    # Horovod: a seed per rank, so unseeded randomness differs between ranks (reproducible per world size).
+    keras.utils.set_random_seed(ctx.rank_seed(cfg.train.seed))
+    return ctx
 
+
+def _rank_inputs(cfg: Config, data: FoldData, ctx: hk.WorkerContext) -> _Inputs:
+    """This rank's share of the fold: training batches, and the whole-fold validation callback."""
+    num_classes = len(data.class_names)
     # Horovod: each rank reads a disjoint share; shuffling/augmentation seeds differ per rank.
     my_train = worker_rows(data.train_rows, ctx.rank, ctx.size)
     my_val = worker_rows(data.val_rows, ctx.rank, ctx.size)
     train_ds = make_dataset(data.index, my_train, cfg.pipeline, data.image_size, training=True,
                             seed=cfg.train.seed + 7919 * ctx.rank)
     val_ds = make_dataset(data.index, my_val, cfg.pipeline, data.image_size, training=False)
-    steps = steps_per_epoch(len(data.train_rows), ctx.size, cfg.pipeline.batch_size)
     val_steps = math.ceil(len(my_val) / cfg.pipeline.batch_size)  # one exact pass over this rank's share
-
-    model = build_model(cfg.model, data.image_size, num_classes, seed=cfg.train.seed)
-    phases = training_phases(cfg)
-    monitor, mode = monitored_metric(cfg.train.monitor, num_classes)
-    validation = FoldValidation(val_ds, val_steps, my_val, data.index.labels, num_classes)
     weights = (class_weights(data.index.labels[data.train_rows], num_classes)
                if cfg.train.class_weight == "balanced" else None)
-    # A restarted fold resumes: every rank reads the same checkpoint from the shared output dir.
-    resume_dir = out / "resume"
-    state = checkpoint_to_resume(cfg, fold, data, resume_dir, ctx.is_chief)
-    initial_epoch = resumed_from = state["epoch"] if state else 0
-    first_phase = int(state.get("phase", 0)) if state else 0
-    es_state, rl_state = (state["early_stopping"], state["reduce_lr"]) if state else (None, None)
-    best_weights = ckpt.load_best_weights(resume_dir / ckpt.BEST) if state else None
-    if state and ctx.is_chief:
-        logger.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+    return _Inputs(train_ds, steps_per_epoch(len(data.train_rows), ctx.size, cfg.pipeline.batch_size),
+                   FoldValidation(val_ds, val_steps, my_val, data.index.labels, num_classes), weights)
 
-    early_stopping = None
+
+def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Model, data: FoldData,
+                  inputs: _Inputs, resume: ckpt.Resume | None) -> ckpt.ResumableEarlyStopping:
+    """Train the phases not yet done, from `resume` if any; returns the early stopping of the last phase run."""
+    out, resume_dir = fold_dir(cfg.output_dir, fold), fold_dir(cfg.output_dir, fold) / "resume"
+    num_classes = len(data.class_names)
+    monitor, mode = monitored_metric(cfg.train.monitor, num_classes)
+    initial_epoch, first_phase = (resume.epoch, resume.phase) if resume else (0, 0)
+    es_state, rl_state = (resume.early_stopping, resume.reduce_lr) if resume else (None, None)
+    best_weights = resume.best_weights if resume else None
+    phases = training_phases(cfg)
     for p, phase in enumerate(phases[first_phase:], start=first_phase):
         set_backbone_trainable(model, cfg.model, phase.trainable_blocks)
         compile_model(cfg, model, num_classes, cfg.train.learning_rate)
         if p == first_phase:
-            # Horovod: start every rank from rank 0's weights.
-            hk.broadcast_model(model, root_rank=0)
-            if state:
-                hk.build_optimizer(model)  # create the optimizer variables, so the checkpoint restores them
-                model.load_weights(resume_dir / ckpt.LAST)
+            if resume:  # rank 0 loads the checkpoint and broadcasts it, optimizer state included
+                ckpt.restore_model(model, resume, ctx.size)
+            else:
+                # Horovod: start every rank from rank 0's weights.
+                hk.broadcast_model(model, root_rank=0)
         early_stopping = ckpt.ResumableEarlyStopping(
             state=es_state, best_weights=best_weights, monitor=monitor, mode=mode,
             patience=cfg.train.early_stopping_patience, restore_best_weights=True)
@@ -279,53 +222,98 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
             # Horovod: average training metrics over ranks, then validate on the whole fold, so
             # every rank takes the same early-stopping and learning-rate decisions below.
             hk.MetricAverageCallback(),
-            validation,
+            inputs.validation,
             # Horovod: scale the learning rate by the number of workers, after a warm-up.
-            learning_rate_schedule(cfg, phase, ctx.size, steps),
+            learning_rate_schedule(cfg, phase, ctx.size, inputs.steps),
             *([reduce_lr] if reduce_lr is not None else []),
             early_stopping,
         ]
         if ctx.is_chief:  # Horovod: only rank 0 writes checkpoints and logs.
             callbacks += [EpochProgress(fold, cfg.train.epochs),
                           keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=initial_epoch > 0),
-                          ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, resume_key(cfg),
-                                              data.fingerprint, phase=p)]
-        if initial_epoch < phase.end_epoch:
+                          ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, ckpt.resume_key(cfg),
+                                              data.fingerprint, phase=p, workers=ctx.size)]
+        # A fold that stopped early before a crash is done: training on would change its result.
+        if initial_epoch < phase.end_epoch and not early_stopping.stopped_epoch:
             # shuffle=False: the dataset shuffles itself.
-            model.fit(train_ds, epochs=phase.end_epoch, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                      shuffle=False, class_weight=weights, callbacks=callbacks,
-                      verbose=cfg.train.verbose if ctx.is_chief else 0)
+            model.fit(inputs.train_ds, epochs=phase.end_epoch, initial_epoch=initial_epoch,
+                      steps_per_epoch=inputs.steps, shuffle=False, class_weight=inputs.class_weight,
+                      callbacks=callbacks, verbose=cfg.train.verbose if ctx.is_chief else 0)
             initial_epoch = phase.end_epoch
         es_state = early_stopping.state()
         rl_state = reduce_lr.state() if reduce_lr is not None else None
         best_weights = early_stopping.best_weights
         if early_stopping.stopped_epoch > 0:
             break
-    # Score with the best epoch's weights (the same on every rank: the metrics are whole-fold).
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    best_epoch = int(es_state["best_epoch"]) if es_state else 0
+    return early_stopping
 
+
+def _write_results(cfg: Config, fold: int, data: FoldData, model: keras.Model, rows: np.ndarray,
+                   probs: np.ndarray, metrics: dict) -> None:
+    """Write the model, predictions and, last (it marks the fold as done), `metrics.json` (rank 0)."""
+    out = fold_dir(cfg.output_dir, fold)
+    model.save(out / MODEL_FILE)
+    _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
+    tmp = out / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out / METRICS_FILE)
+
+
+def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None:
+    """Train on every fold but `fold`, validate and score on `fold`.
+
+    A fold that was interrupted resumes from its last finished epoch, if that
+    checkpoint is intact and of the same config and data (`checkpoint.resume_fold`);
+    a fold that had finished training is scored again from its best epoch.
+
+    Args:
+        cfg: The job's config.
+        fold: The validation fold.
+        extra: Entries added to the metrics (e.g. the Ray node and attempt). Defaults to `None`.
+
+    Returns:
+        The metrics dict on rank 0, None on other ranks.
+    """
+    start = time.time()
+    ctx = _start_worker(cfg)
+
+    data = load_fold_data(cfg, fold)
+    if data.image_size != cfg.data.image_size:
+        raise ValueError(f"the dataset in {cfg.data.dataset_dir} holds {data.image_size}px images but "
+                         f"data.image_size is {cfg.data.image_size}: re-ingest or set data.image_size={data.image_size}")
+    out = fold_dir(cfg.output_dir, fold)
+    if ctx.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info("fold %d: %d training / %d validation images, %d worker(s), host %s%s",
+                    fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname(),
+                    f", node {str(extra['node_id'])[:8]}" if extra and "node_id" in extra else "")
+    inputs = _rank_inputs(cfg, data, ctx)
+    # Horovod: same initial weights (broadcast anyway), but each rank draws its own dropout masks.
+    model = build_model(cfg.model, data.image_size, len(data.class_names), seed=cfg.train.seed,
+                        dropout_seed=ctx.rank_seed(cfg.train.seed))
+
+    # Horovod: rank 0 alone reads the checkpoint and decides; every rank resumes at its epoch.
+    resume = ckpt.resume_fold(cfg, fold, data.fingerprint, out / "resume", ctx.is_chief)
+    early_stopping = _train_phases(cfg, fold, ctx, model, data, inputs, resume)
+
+    # Score with the best epoch's weights (the same on every rank: the metrics are whole-fold).
+    if early_stopping.best_weights is not None:
+        model.set_weights(early_stopping.best_weights)
+    inputs.validation.set_model(model)  # fit() did not, when the fold had already run all its epochs
     # Score the full fold: each rank predicts its share, rank 0 gets them all.
-    validation.set_model(model)  # fit() did not, when the fold had already run all its epochs
-    rows, probs = validation.predict_fold()
+    rows, probs = inputs.validation.predict_fold()
     if not ctx.is_chief:
         return None
     if not np.array_equal(rows, data.val_rows):  # every validation image exactly once
         raise RuntimeError(f"gathered predictions cover {len(rows)} rows, expected {len(data.val_rows)}")
     metrics = classification_metrics(data.index.labels[rows], probs, data.class_names,
-                                     label_schemes.melanoma_index(cfg.data.label_scheme)
-                                     if num_classes > 2 else None)
-    model.save(out / MODEL_FILE)
-    _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
+                                     label_schemes.reported_melanoma_index(cfg.data.label_scheme))
     metrics.update(extra or {})
-    metrics.update(fold=fold, data_fingerprint=data.fingerprint, resumed_from_epoch=resumed_from, workers=ctx.size,
-                   host=socket.gethostname(),
-                   epochs_run=int(ckpt.load_state(resume_dir)["epoch"]), best_epoch=best_epoch + 1,
-                   wall_time_s=round(time.time() - start, 1))
-    tmp = out / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / METRICS_FILE)
+    metrics.update(fold=fold, data_fingerprint=data.fingerprint, resumed_from_epoch=resume.epoch if resume else 0,
+                   workers=ctx.size, host=socket.gethostname(),
+                   epochs_run=int(ckpt.load_state(out / "resume")["epoch"]),
+                   best_epoch=early_stopping.best_epoch + 1, wall_time_s=round(time.time() - start, 1))
+    _write_results(cfg, fold, data, model, rows, probs, metrics)
     logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %s, ROC-AUC %s", fold,
                 metrics["wall_time_s"], metrics["accuracy"], format_metric(metrics["balanced_accuracy"]),
                 format_metric(metrics["roc_auc"]))

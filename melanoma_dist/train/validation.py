@@ -6,6 +6,8 @@ the predictions of every rank (Horovod allgather), and computes on the complete
 fold, identically on every rank: `val_loss` (unweighted cross-entropy),
 `val_accuracy`, `val_balanced_accuracy` and, for two classes, `val_roc_auc`.
 Early stopping, the plateau schedule and the best-epoch choice then read these.
+Before predicting, the BatchNorm moving statistics are averaged over ranks, so
+the whole fold is predicted by one model: the one rank 0 checkpoints and saves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn import metrics as skm
 
-from melanoma_dist.distributed import horovod_keras as hk
+from melanoma_dist import distributed as hk
 from melanoma_dist.model.build import probabilities
 
 
@@ -65,7 +67,16 @@ class FoldValidation(keras.callbacks.Callback):
         self.labels_of_rows, self.num_classes = labels_of_rows, num_classes
 
     def predict_fold(self) -> tuple[np.ndarray, np.ndarray]:
-        """(global rows, probabilities) of the whole fold, sorted by row, on every rank."""
+        """(global rows, probabilities) of the whole fold, sorted by row, on every rank.
+
+        A collective (every rank calls it). It first averages the BatchNorm moving
+        statistics over ranks, here rather than in a separate callback, so that no
+        callback order can let a rank predict with its own statistics; the epoch-end
+        callbacks after this one (early stopping's best weights, the checkpoint) and
+        the final save then see the synced model too.
+        """
+        # Horovod: one model on every rank (each rank updated the statistics on its own batches).
+        hk.sync_batchnorm_statistics(self.model)
         mine = probabilities(self.model.predict(self.dataset, steps=self.steps, verbose=0), self.num_classes)
         # Horovod: every rank gets every rank's predictions, so all compute the same metrics.
         rows, probs = hk.allgather_rows(self.rows), hk.allgather_rows(mine)

@@ -33,7 +33,7 @@ from typing import Iterator
 import yaml
 
 from melanoma_dist.config import Config, config_from_dict, load_config
-from melanoma_dist.launch.jobs import repo_root
+from melanoma_dist.submit.jobs import repo_root
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,6 @@ Modules, one job each: `command` (options and dispatch), `local`, `smoke` (the
 of k8s/). This package imports nothing heavy until a target runs.
 """
 
-from melanoma_dist.launch.command import add_launch_arguments, cmd_launch
+from melanoma_dist.submit.command import add_launch_arguments, cmd_launch
 
 __all__ = ["add_launch_arguments", "cmd_launch"]

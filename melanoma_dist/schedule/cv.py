@@ -3,8 +3,11 @@
 The driver (this module) prepares the dataset and folds once, connects to Ray
 (an existing cluster, or an embedded local one), and launches one Horovod group
 per unfinished fold. Groups run concurrently as far as the cluster's resources
-allow and queue otherwise. A fold whose worker or node dies is started again,
-up to `distributed.max_retries` times, and resumes from its last saved epoch.
+allow and queue otherwise. A fold whose worker or node dies, or that makes no
+progress for `distributed.progress_timeout_s`, is started again, up to
+`distributed.max_retries` times, and resumes from its last saved epoch; a fold
+that fails with an error another attempt cannot fix (see `is_healable`) fails at
+once. Ctrl-C tears every running group down.
 Finished folds (those with `fold-K/metrics.json`) of the same data are not
 re-run, so running `cv` again with the same output directory finishes an
 interrupted run; a finished fold of other data (dataset re-ingested, folds
@@ -18,12 +21,13 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from melanoma_dist import labels as label_schemes
 from melanoma_dist.config import Config, config_from_dict
@@ -33,8 +37,9 @@ from melanoma_dist.data.prepare import prepare
 from melanoma_dist.log import setup_logging
 from melanoma_dist.metrics import format_metric
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
-from melanoma_dist.results import METRICS_FILE, discard_fold_result, fold_dir
-from melanoma_dist.schedule.horovod_group import GroupSpec, run_horovod_group
+from melanoma_dist.run_files import METRICS_FILE, discard_fold_result, fold_dir
+from melanoma_dist.schedule.horovod_group import (GroupCancelled, GroupHung, GroupSpec, PlacementTimeout,
+                                                   run_horovod_group)
 
 logger = logging.getLogger(__name__)
 
@@ -155,23 +160,110 @@ def split_finished(output_dir: str | Path, folds: Sequence[int],
 
 
 class FoldFailed(RuntimeError):
-    """A fold failed on every allowed attempt."""
+    """A fold failed on every allowed attempt, or with an error that another attempt cannot fix."""
 
 
-def run_fold_with_retries(cfg: Config, fold: int, spec: GroupSpec) -> dict:
-    """Train one fold as a Horovod group, starting again (and resuming) when it fails."""
+_HEALABLE_MESSAGE = re.compile(
+    r"horovod has been shut down|horovodinternalerror|gloo|connection (reset|refused|closed)|"
+    r"broken pipe|peer .*(closed|disconnected)", re.IGNORECASE)
+"""What a rank raises when a peer died or Horovod's stall check shut the group down."""
+
+
+def is_healable(error: BaseException) -> bool:
+    """Whether another attempt of the fold can succeed after `error`.
+
+    True for a dead worker process or node, a group that could not be placed in
+    time or hung, and the Horovod/Gloo errors the surviving ranks raise then;
+    False for everything else (a bad config, missing data, a shape mismatch, a
+    ValueError of the training code), which would fail the same way again.
+
+    Example:
+        >>> is_healable(ValueError("bad image size"))
+        False
+    """
+    import ray.exceptions as rex
+
+    if isinstance(error, (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+                          rex.LocalRayletDiedError, rex.ActorUnschedulableError, PlacementTimeout, GroupHung)):
+        return True
+    cause = error.cause if isinstance(error, rex.RayTaskError) else error
+    if isinstance(cause, GroupCancelled):
+        return False
+    if type(cause).__name__ == "HorovodInternalError":
+        return True
+    return bool(_HEALABLE_MESSAGE.search(f"{type(cause).__name__}: {cause}"))
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: message` of the error a rank raised (not Ray's wrapper and remote traceback)."""
+    import ray.exceptions as rex
+
+    cause = error.cause if isinstance(error, rex.RayTaskError) and error.cause is not None else error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def last_write(path: str | Path) -> float:
+    """Newest modification time of `path` and the files below it (0 when there are none)."""
+    newest = 0.0
+    for root, _dirs, files in os.walk(path):
+        for name in [".", *files]:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:  # replaced while we looked
+                pass
+    return newest
+
+
+def fold_spec(cfg: Config, fold: int, attempt: int) -> GroupSpec:
+    """The Horovod group of one attempt of one fold."""
+    d = cfg.distributed
+    return GroupSpec(d.workers_per_fold, d.cpus_per_worker, d.gpus_per_worker,
+                     progress_timeout_s=d.progress_timeout_s, stall_shutdown_s=d.stall_shutdown_s,
+                     name=f"melanoma-dist-fold-{fold}-attempt-{attempt}")
+
+
+def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, int], Any] = _fold_worker,
+                          stop: threading.Event | None = None) -> Any:
+    """Train one fold as a Horovod group, starting again (and resuming) when a worker or node died.
+
+    A fold makes progress when it writes to its directory (every epoch: the
+    resume checkpoint and the history); one that writes nothing for
+    `distributed.progress_timeout_s` is torn down and retried.
+
+    Args:
+        cfg: The job's config.
+        fold: The fold.
+        worker: The body of every rank, called as `worker(cfg_dict, fold, attempt)`.
+            Defaults to `_fold_worker` (`train_fold`).
+        stop: When set, the running attempt is torn down and the fold fails. Defaults to `None`.
+
+    Returns:
+        What rank 0 returned.
+
+    Raises:
+        FoldFailed: the fold failed with an error that cannot heal (at once, with that error's
+            message), or failed on every allowed attempt.
+    """
     attempts = cfg.distributed.max_retries + 1
+    out = fold_dir(cfg.output_dir, fold)
     for attempt in range(1, attempts + 1):
+        spec = fold_spec(cfg, fold, attempt)
         logger.info("fold %d: requesting %d worker(s) from Ray (attempt %d of %d); it starts when they are placed",
                     fold, spec.num_workers, attempt, attempts)
         try:
-            results = run_horovod_group(_fold_worker, [cfg.to_dict(), fold, attempt], spec)
+            results = run_horovod_group(worker, [cfg.to_dict(), fold, attempt], spec,
+                                        progress=lambda: last_write(out), stop=stop)
             return results[0]  # rank 0 holds the metrics
-        except Exception as e:  # a dead worker/node surfaces as a Ray error; retry it
-            logger.warning("fold %d: attempt %d failed: %s: %s", fold, attempt, type(e).__name__,
-                           str(e).splitlines()[0] if str(e) else "")
+        except Exception as e:
+            if not is_healable(e):
+                logger.error("fold %d: attempt %d failed: %s", fold, attempt, e)  # with the remote traceback
+                raise FoldFailed(f"fold {fold} failed (attempt {attempt}; not retried, another attempt would "
+                                 f"fail the same way): {_first_line(e)}") from e
+            logger.warning("fold %d: attempt %d failed: %s", fold, attempt, _first_line(e))
             if attempt == attempts:
-                raise FoldFailed(f"fold {fold} failed {attempts} time(s); last error: {e!r}") from e
+                raise FoldFailed(f"fold {fold} failed {attempts} time(s) (distributed.max_retries="
+                                 f"{cfg.distributed.max_retries}); last error: {_first_line(e)}") from e
     raise AssertionError("unreachable")
 
 
@@ -206,14 +298,13 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
         logger.warning("fold %d finished in %s, but %s: running it again", f, out, why)
         discard_fold_result(out, f)  # should the re-run fail, the fold is missing rather than stale
     write_run_manifest(cfg, used)
-    spec = GroupSpec(cfg.distributed.workers_per_fold, cfg.distributed.cpus_per_worker,
-                     cfg.distributed.gpus_per_worker)
     failures: dict[int, str] = {}
     lock = threading.Lock()
+    stop = threading.Event()
 
     def one(fold: int) -> None:
         try:
-            m = run_fold_with_retries(cfg, fold, spec)
+            m = run_fold_with_retries(cfg, fold, stop=stop)
             logger.info("fold %d finished on node %s: balanced accuracy %s, ROC-AUC %s (%d of %d folds done)",
                         fold, str(m.get("node_id", "?"))[:8], format_metric(m["balanced_accuracy"]),
                         format_metric(m["roc_auc"]),
@@ -226,12 +317,15 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     try:
         # One thread per fold only waits on Ray; Ray decides where and when each group runs.
         with ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="fold") as pool:
-            list(pool.map(one, pending))
+            try:
+                list(pool.map(one, pending))
+            except BaseException:  # Ctrl-C: tear the running groups down before waiting for their threads
+                stop.set()
+                raise
     finally:
         if started_ray:
             ray.shutdown()
-    summary = aggregate_cv(out, cfg.folds.k, label_schemes.melanoma_index(cfg.data.label_scheme)
-                           if cfg.data.label_scheme == "ham7" else None)
+    summary = aggregate_cv(out, cfg.folds.k, label_schemes.reported_melanoma_index(cfg.data.label_scheme))
     summary["wall_time_s"] = round(time.time() - start, 1)
     (out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if failures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Callable
 
 from melanoma_dist.config import Config
 
@@ -75,20 +76,24 @@ def _check_options(args: argparse.Namespace, parser_defaults: dict) -> None:
                              f"{args.target}; see `melanoma-dist launch --help`")
 
 
-def cmd_launch(cfg: Config, args: argparse.Namespace) -> int:
-    """Run `melanoma-dist cv` on the chosen target; return the process exit code."""
+def cmd_launch(cfg: Config, args: argparse.Namespace, cv: Callable[[Config, argparse.Namespace], int]) -> int:
+    """Run `melanoma-dist cv` on the chosen target; return the process exit code.
+
+    `cv` is the `cv` command itself (`cli.cmd_cv`), run in this process by the `local` target:
+    passed in, so that this package does not import the CLI that imports it.
+    """
     defaults = {dest: None for dest in _OPTION_TARGETS} | {
         "smoke_test": False, "no_follow": False, "no_wait": False, "dry_run": False, "excludes": [], "env": [],
         "pip": [], "python": "python", "overlay": "cpu-dev", "kubectl": "kubectl"}
     _check_options(args, defaults)
     if args.target == "local":
-        from melanoma_dist.launch.local import run_local
+        from melanoma_dist.submit.local import run_local
 
-        return run_local(cfg, args)
+        return run_local(cfg, args, cv)
     if args.target == "ray":
-        from melanoma_dist.launch.jobs import submit_cv
+        from melanoma_dist.submit.jobs import submit_cv
 
         return submit_cv(cfg, args)
-    from melanoma_dist.launch.k8s import launch_k8s
+    from melanoma_dist.submit.k8s import launch_k8s
 
     return launch_k8s(args)

@@ -8,18 +8,20 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from melanoma_dist.config import Config
 
 logger = logging.getLogger(__name__)
 
 
-def run_local(cfg: Config, args: argparse.Namespace) -> int:
-    """Run the cross-validation of `cfg` (or the smoke test) on a Ray started on this machine."""
-    from melanoma_dist.cli import cmd_cv
+def run_local(cfg: Config, args: argparse.Namespace, cv: Callable[[Config, argparse.Namespace], int]) -> int:
+    """Run the cross-validation of `cfg` (or the smoke test) on a Ray started on this machine.
 
+    `cv` is the `cv` command (`cli.cmd_cv`), given by the caller.
+    """
     if args.smoke_test:
-        from melanoma_dist.launch.smoke import CLASS_SIZES, smoke_config
+        from melanoma_dist.submit.smoke import CLASS_SIZES, smoke_config
 
         if args.config is not None:
             raise ValueError("--smoke-test brings its own data and config: drop --config (--set still applies)")
@@ -32,4 +34,4 @@ def run_local(cfg: Config, args: argparse.Namespace) -> int:
     if cfg.distributed.address:
         logger.info("ignoring distributed.address=%s: the local target starts its own Ray", cfg.distributed.address)
         cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, address=""))
-    return cmd_cv(cfg, argparse.Namespace(folds=args.folds, address=None))
+    return cv(cfg, argparse.Namespace(folds=args.folds, address=None))
