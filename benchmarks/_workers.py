@@ -11,6 +11,7 @@ Thread-pool sizes come from the environment the parent sets (`_common.thread_env
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -349,7 +350,7 @@ def timed_fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
     import keras
 
     from melanoma_dist.schedule import cv as folds_mod
-    from melanoma_dist.train import fold  # noqa: F401  (TensorFlow, Horovod, the model code)
+    importlib.import_module("melanoma_dist.train.fold")  # TensorFlow, Horovod, the model code
 
     t_imported = time.time()
     marks: dict[str, float] = {}

@@ -20,7 +20,7 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_dashboard_patience() -> None:
-    """Ray's dashboard gives each of its modules 30 s to start; on 2 busy cores that is not enough.
+    """Ray's dashboard gets 60 s to start and each of its modules 30 s; on 2 busy cores that is not enough.
 
     Tests that find actors through `ray.util.state` need the dashboard, and a slow start
     fails `ray.init` / `ray start` outright. Inherited by every Ray started from a test.
@@ -28,6 +28,7 @@ def ray_dashboard_patience() -> None:
     import os
 
     os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "180")
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 
 
 # ============================================================================

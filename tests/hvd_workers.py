@@ -23,6 +23,9 @@ WORKER_ENV = {  # 2 ranks on 2 cores: one thread each
     "TF_NUM_INTEROP_THREADS": "1",
     "TF_NUM_INTRAOP_THREADS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Gloo's rendezvous waits 30 s by default for the other rank, which imports TensorFlow first:
+    # not enough when the 2 cores are busy.
+    "HOROVOD_GLOO_TIMEOUT_SECONDS": "180",
 }
 
 

@@ -223,7 +223,7 @@ def fold_spec(cfg: Config, fold: int, attempt: int) -> GroupSpec:
                      name=f"melanoma-dist-fold-{fold}-attempt-{attempt}")
 
 
-def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, int], Any] = _fold_worker,
+def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, int], Any] | None = None,
                           stop: threading.Event | None = None) -> Any:
     """Train one fold as a Horovod group, starting again (and resuming) when a worker or node died.
 
@@ -235,7 +235,8 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
         cfg: The job's config.
         fold: The fold.
         worker: The body of every rank, called as `worker(cfg_dict, fold, attempt)`.
-            Defaults to `_fold_worker` (`train_fold`).
+            Defaults to `None`: this module's `_fold_worker` (`train_fold`), looked up at call
+            time so that a benchmark can wrap it.
         stop: When set, the running attempt is torn down and the fold fails. Defaults to `None`.
 
     Returns:
@@ -245,6 +246,7 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
         FoldFailed: the fold failed with an error that cannot heal (at once, with that error's
             message), or failed on every allowed attempt.
     """
+    worker = worker or _fold_worker
     attempts = cfg.distributed.max_retries + 1
     out = fold_dir(cfg.output_dir, fold)
     for attempt in range(1, attempts + 1):
