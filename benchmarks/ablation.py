@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.model_quality import _ci, melanoma_auc, oof_rows  # noqa: E402
+from benchmarks.model_quality import melanoma_auc, oof_rows, roc_auc_text  # noqa: E402
 
 from melanoma_dist.config import load_config  # noqa: E402
 
@@ -85,7 +85,6 @@ def external_auc(model_path: Path, scheme: str, dataset: Path, n_boot: int) -> s
     from melanoma_dist.inference.images import decode
     from melanoma_dist.labels import class_names, melanoma_index
     from melanoma_dist.model.build import probabilities
-    from melanoma_dist.report.bootstrap import bootstrap_ci, weighted_roc_auc
 
     model = keras.models.load_model(model_path, compile=False)
     manifest = shards.load_manifest(dataset)
@@ -100,7 +99,7 @@ def external_auc(model_path: Path, scheme: str, dataset: Path, n_boot: int) -> s
     y = decision_labels(scheme, manifest["label_scheme"], np.asarray(table[shards.LABEL].to_pylist()))
     s = np.concatenate(scores)
     groups = np.asarray(table[shards.GROUP].to_pylist()).astype(str)
-    return _ci(bootstrap_ci(lambda w: weighted_roc_auc(y, s, w), y, groups, n_boot=n_boot))
+    return roc_auc_text(y, s, groups, n_boot)
 
 
 def main() -> None:

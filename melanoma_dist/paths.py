@@ -90,6 +90,31 @@ def ensure_writable_file(path: str | Path, key: str) -> Path:
     return p
 
 
+def ensure_replaceable(folder: Path, marker: str, key: str, kind: str,
+                       error: type[Exception] = FileExistsError) -> None:
+    """Refuse to replace a folder that is neither absent, empty, nor ours (it holds `marker`).
+
+    Ingest and export build their output beside it and swap it in; this keeps them from
+    swapping away a folder someone else owns.
+
+    Args:
+        folder: The folder to be replaced.
+        marker: The file that marks the folder as ours (a manifest, `model.json`).
+        key: The setting that gave it, named in errors (`data.dataset_dir`, `--out`).
+        kind: What the folder should be, for the error (`a melanoma-dist dataset`).
+        error: The exception class to raise. Defaults to `FileExistsError`.
+    """
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise error(f"{key} {folder} is a file, not a folder: set {key} to a new folder")
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries and not (folder / marker).is_file():
+        listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise error(f"{key} {folder} exists and is not {kind} (no {marker}; it holds {listed}); it would be "
+                    f"replaced, so set {key} to a new or empty folder")
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an OSError: its file(s) and its reason, without the `[Errno N]` prefix."""
     if not e.strerror:  # raised with a message only, e.g. FileNotFoundError("no dataset in ...")

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import keras
 import pytest
 
 from melanoma_dist.cli import main
@@ -21,6 +22,10 @@ def test_model_dir_contents(exported_model, cv_result):
     assert spec["ensemble"]["tta"] == "none" and spec["near_duplicates"] == {"max_bits": 4, "min_correlation": 0.97}
     for name in ("model_card.md", "evidence.json", "run_manifest.json", "config.yaml"):
         assert (exported_model / name).is_file()
+    # Members are inference models: the fold's optimizer state is left behind.
+    member = exported_model / spec["members"][0]
+    assert getattr(keras.models.load_model(member), "optimizer", None) is None
+    assert member.stat().st_size < (cv_result.result_dir / "fold-0" / "model.keras").stat().st_size
     assert "Artifact: an ensemble of the 2 fold models" in (exported_model / "model_card.md").read_text()
     # The stored calibration is the one fitted on the run's out-of-fold predictions.
     ev = summarize(CVResult.load(cv_result.result_dir), n_boot=20, audit=False)

@@ -32,7 +32,10 @@ from melanoma_dist.data.sources import SourceScan, scan_source
 
 logger = logging.getLogger(__name__)
 
-SETTINGS: tuple[str, ...] = ("label_scheme", "image_size", "resize", "encoding", "jpeg_quality", "color_constancy")
+IMAGE_SETTINGS: tuple[str, ...] = ("image_size", "resize", "encoding", "jpeg_quality", "color_constancy")
+"""The `data` settings that shape each image: what a model's input must match."""
+
+SETTINGS: tuple[str, ...] = ("label_scheme",) + IMAGE_SETTINGS
 """The `data` settings that shape a dataset (not where it is, nor how it is sharded)."""
 
 _LEGACY_SOURCE_KEYS = ("name", "kind", "path", "label_type")
@@ -71,9 +74,17 @@ def stored(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"settings": settings(manifest), "sources": sources}
 
 
+def with_defaults(values: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """`keys` of `values` (a `data` config, a manifest, a model's input spec), absent ones at their default.
+
+    Files written before a setting existed were made with its default.
+    """
+    return {k: values.get(k, DataConfig.__dataclass_fields__[k].default) for k in keys}
+
+
 def settings(values: Mapping[str, Any], keys: Iterable[str] = SETTINGS) -> dict[str, Any]:
     """The shaping settings in `values` (a `data` config or a manifest); absent ones were their default."""
-    out = {k: values.get(k, DataConfig.__dataclass_fields__[k].default) for k in keys}
+    out = with_defaults(values, keys)
     if out.get("encoding", "jpeg") != "jpeg" and "jpeg_quality" in out:
         out["jpeg_quality"] = None  # PNG ignores it: changing it must not trigger a new ingest
     return out

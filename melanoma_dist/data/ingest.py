@@ -46,6 +46,7 @@ from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_imag
 from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, own_files, write_manifest, write_shards
 from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceRecord, SourceScan, scan_source
 from melanoma_dist.labels import check_provides, class_names, to_class_index
+from melanoma_dist.paths import ensure_replaceable
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     if not cfg.sources:
         raise ValueError("data.sources is empty: list at least one source to ingest (see configs/)")
     dataset_dir = Path(cfg.dataset_dir)
-    _check_replaceable(dataset_dir)
+    ensure_replaceable(dataset_dir, MANIFEST, "data.dataset_dir", "a melanoma-dist dataset", NotADatasetError)
     _remove_stale_temps(dataset_dir)
     scans = _read_sources(cfg.sources, cfg.label_scheme)
     records = [r for scan in scans for r in scan.records]
@@ -261,21 +262,6 @@ def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], records: Sequence[So
         "num_unlabelled": sum(len(scan.unlabelled) for scan in scans),
         "fingerprint": fingerprint(cfg, scans),
     }
-
-
-def _check_replaceable(dataset_dir: Path) -> None:
-    """Refuse to write into a folder that is neither empty nor one of our datasets."""
-    if not dataset_dir.exists():
-        return
-    if not dataset_dir.is_dir():
-        raise NotADatasetError(f"data.dataset_dir {dataset_dir} is a file, not a folder: set data.dataset_dir "
-                               f"to a new folder")
-    entries = sorted(p.name for p in dataset_dir.iterdir())
-    if entries and not (dataset_dir / MANIFEST).is_file():
-        listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise NotADatasetError(
-            f"data.dataset_dir {dataset_dir} exists and is not a melanoma-dist dataset (no {MANIFEST}; it holds "
-            f"{listed}); ingest does not write into other folders: set data.dataset_dir to a new or empty folder")
 
 
 def _swap_into(tmp: Path, dataset_dir: Path) -> None:

@@ -42,7 +42,7 @@ model.fit(train_ds, validation_data=val_ds, steps_per_epoch=steps, callbacks=cal
 from melanoma_dist.distributed.batchnorm_sync import (SyncBatchNormStatistics, batchnorm_statistics,
                                                       sync_batchnorm_statistics)
 from melanoma_dist.distributed.collectives import (allgather_rows, average_variables, barrier, broadcast_model,
-                                                   broadcast_variables)
+                                                   broadcast_object, broadcast_variables)
 from melanoma_dist.distributed.metric_average import MetricAverageCallback
 from melanoma_dist.distributed.optimizer import (average_gradients, build_optimizer, check_compiled_model,
                                                  distributed_optimizer)
@@ -52,6 +52,6 @@ from melanoma_dist.distributed.worker import WorkerContext, init_worker, select_
 __all__ = [
     "MetricAverageCallback", "SyncBatchNormStatistics", "WarmupScaledLR", "WorkerContext", "allgather_rows",
     "average_gradients", "average_variables", "barrier", "batchnorm_statistics", "broadcast_model",
-    "broadcast_variables", "build_optimizer", "check_compiled_model", "distributed_optimizer", "init_worker",
-    "select_gpu", "shutdown", "sync_batchnorm_statistics",
+    "broadcast_object", "broadcast_variables", "build_optimizer", "check_compiled_model", "distributed_optimizer",
+    "init_worker", "select_gpu", "shutdown", "sync_batchnorm_statistics",
 ]

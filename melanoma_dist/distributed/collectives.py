@@ -23,6 +23,19 @@ def _tf_variables(variables: Sequence[Any]) -> list[Any]:
     return [v.value if isinstance(v, keras.Variable) else v for v in variables]
 
 
+def broadcast_object(obj: Any, name: str, root_rank: int = 0) -> Any:
+    """`obj` of `root_rank` (any picklable value), returned on every rank.
+
+    Args:
+        obj: The value; only `root_rank`'s is used.
+        name: A fixed name for the collective, the same on every rank (other ranks'
+            `obj` may be of another type, e.g. None, so Horovod cannot derive one).
+        root_rank: Rank whose value is kept. Defaults to `0`.
+    """
+    if hvd.size() == 1:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
+
 
 def broadcast_variables(variables: Sequence[Any], root_rank: int = 0) -> None:
     """Overwrite `variables` on every rank with their values on `root_rank`.

@@ -36,6 +36,7 @@ import numpy as np
 
 from melanoma_dist import labels as label_schemes
 from melanoma_dist.data import shards
+from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.data.folds import merge_duplicate_groups
 from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.inference.ensemble import Ensemble
@@ -99,11 +100,11 @@ def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path) -> list[str
             f"{dataset_dir} holds {manifest['image_size']} px images but the model takes {model.image_size} px: "
             f"ingest the test set again with data.image_size={model.image_size} data.resize={spec['resize']}")
     notes = []
-    defaults = {"color_constancy": "none"}  # datasets and models from before the setting existed
-    for key in ("resize", "encoding", "jpeg_quality", "color_constancy"):
-        if manifest.get(key, defaults.get(key)) != spec.get(key, defaults.get(key)):
-            notes.append(f"test images were ingested with {key}={manifest[key]!r}, training images with "
-                         f"{spec[key]!r}")
+    test, train = with_defaults(manifest, IMAGE_SETTINGS), with_defaults(spec, IMAGE_SETTINGS)
+    for key in IMAGE_SETTINGS:
+        if test[key] != train[key]:
+            notes.append(f"test images were ingested with {key}={test[key]!r}, training images with "
+                         f"{train[key]!r}")
             logger.warning("preprocessing differs from training: %s", notes[-1])
     return notes
 

@@ -21,13 +21,16 @@ import logging
 import shutil
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from melanoma_dist.data import shards
+from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.inference.tta import tta_mode, view_names
 from melanoma_dist.inference.ensemble import (FORMAT, FORMAT_VERSION, MODEL_JSON, NORMALISATION, Ensemble,
                                               ModelDirError)
+from melanoma_dist.paths import ensure_replaceable
 from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS
 from melanoma_dist.report.bootstrap import DEFAULT_N_BOOT
 from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY
@@ -43,11 +46,7 @@ DEFAULT_EXPORT_DIR = "export"
 
 def _input_spec(result: CVResult) -> dict[str, Any]:
     """Preprocessing of the training images: the run's data config, checked against the dataset manifest."""
-    data = result.config["data"]
-    spec = {"image_size": int(data["image_size"]), "channels": 3, "resize": data.get("resize", "crop"),
-            "encoding": data.get("encoding", "jpeg"), "jpeg_quality": int(data.get("jpeg_quality", 95)),
-            "color_constancy": data.get("color_constancy", "none"),
-            "normalisation": NORMALISATION,
+    spec = {"channels": 3, **with_defaults(result.config["data"], IMAGE_SETTINGS), "normalisation": NORMALISATION,
             "steps": "decode, EXIF-orient, RGB; centre-crop (or pad) to a square; bilinear resize; "
                      "colour constancy if set; "
                      "re-encode as at ingest; decode; / 255"}
@@ -55,7 +54,7 @@ def _input_spec(result: CVResult) -> dict[str, Any]:
         manifest = shards.load_manifest(result.dataset_dir)
     except (FileNotFoundError, ValueError):
         return spec
-    for key in ("image_size", "resize", "encoding", "jpeg_quality", "color_constancy"):
+    for key in IMAGE_SETTINGS:
         if key in manifest and manifest[key] != spec[key]:
             logger.warning("the dataset manifest says %s=%r but the run's config says %r: using the manifest's",
                            key, manifest[key], spec[key])
@@ -96,10 +95,16 @@ def build_model_json(result: CVResult, ev: dict, members: list[str], tta: str | 
     }
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_JSON).is_file())):
-        raise FileExistsError(f"{out} exists and is not an exported model (no {MODEL_JSON}); export replaces "
-                              f"its target, so choose another --out or remove it")
+def _write_member(fold_model: Path, member: Path) -> None:
+    """Save a fold model without its optimizer state, which inference never reads (it was 2/3 of the file)."""
+    import keras
+
+    try:
+        model = keras.models.load_model(fold_model, compile=False)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ResultError(f"fold model {fold_model} is unreadable ({type(e).__name__}: {e}): delete its "
+                          f"metrics.json and run `melanoma-dist cv` again to retrain that fold") from None
+    model.save(member)
 
 
 def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
@@ -136,7 +141,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
     if absent:
         raise ResultError(f"fold model(s) {absent} are missing: re-run those folds")
     out = Path(out_dir) if out_dir is not None else result.result_dir / DEFAULT_EXPORT_DIR
-    _check_replaceable(out)
+    ensure_replaceable(out, MODEL_JSON, "--out", "an exported model")
     ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)
     members = [f"folds/fold-{fr.fold}.keras" for fr in result.folds]
     spec = build_model_json(result, ev, members, tta, near_dup_bits, near_dup_corr)
@@ -146,7 +151,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
     (tmp / "folds").mkdir(parents=True)
     try:
         for fr, member in zip(result.folds, members):
-            shutil.copy2(fr.model_path, tmp / member)
+            _write_member(fr.model_path, tmp / member)
         for name in (RUN_MANIFEST, CONFIG_FILE):
             if (result.result_dir / name).is_file():
                 shutil.copy2(result.result_dir / name, tmp / name)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import horovod.tensorflow as hvd
 import keras
 import numpy as np
 
@@ -295,14 +294,6 @@ class Resume:
     """Weights and optimizer state after that epoch (rank 0 only; None on other ranks)."""
 
 
-def _broadcast_from_chief(obj: Any, name: str) -> Any:
-    """`obj` of rank 0, on every rank (every rank must call it)."""
-    if hvd.size() == 1:
-        return obj
-    # Horovod: rank 0 alone decided; a fixed name, as other ranks' objects may be of another type.
-    return hvd.broadcast_object(obj, root_rank=0, name=name)
-
-
 def checkpoint_to_resume(cfg: Config, fold: int, fingerprint: dict[str, str], resume_dir: Path) -> dict | None:
     """The verified state the fold resumes from, or None to start it afresh (call on rank 0 only).
 
@@ -369,7 +360,8 @@ def resume_fold(cfg: Config, fold: int, fingerprint: dict[str, str], resume_dir:
             decision = (state, best, None)
         except ValueError as e:  # raised on every rank below, so that none waits for the others
             decision = (None, None, str(e))
-    state, best, error = _broadcast_from_chief(decision, "resume_fold")
+    # Horovod: rank 0 alone decided; every rank follows its decision.
+    state, best, error = hk.broadcast_object(decision, "resume_fold")
     if error:
         raise ValueError(error)
     if state is None:
