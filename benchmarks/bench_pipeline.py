@@ -76,7 +76,8 @@ def ours_dataset(index: Any, rows: Any, cfg: Any, size: int, parallel: int, seed
 
     from melanoma_dist.data.pipeline import make_dataset
 
-    pcfg = dataclasses.replace(cfg.pipeline, parallel_calls=parallel)
+    # The tf.data side with the augmentation in it, as the baseline has it (bench_feeding.py: in the model).
+    pcfg = dataclasses.replace(cfg.pipeline, parallel_calls=parallel, augment_on="pipeline")
     if not augment:
         pcfg = dataclasses.replace(pcfg, augment=dataclasses.replace(pcfg.augment, **NO_AUGMENT))
     return _budget(make_dataset(index, rows, pcfg, size, training=True, seed=seed), parallel, tf)

@@ -7,7 +7,7 @@
 Each benchmark runs as its own process (`benchmarks/<name>.py [--smoke] --out-dir ... --work-dir ...`),
 one at a time, and writes `<out-dir>/<name>.json`. With --smoke they overlap, each in its own
 work dir (smoke numbers mean nothing; it roughly halves the time). `scaling_model.py` runs
-last: it reads `bench_horovod.json` (and `bench_pipeline.json`). `<out-dir>/latest.md` gets every summary table. Exit status 1 means
+last: it reads `bench_horovod.json` (and `bench_pipeline.json`, `bench_feeding.json`). `<out-dir>/latest.md` gets every summary table. Exit status 1 means
 some benchmark failed to run; missed targets never change it (they are marked in the table).
 Run it on an otherwise idle machine: the scripts print the load average they start with.
 """
@@ -26,12 +26,13 @@ if __package__ in (None, ""):
 
 from benchmarks._common import REPO, base_parser, environment, fmt, format_table, print_environment
 
-BENCHMARKS = ("bench_pipeline", "bench_horovod", "bench_ray", "bench_memory", "scaling_model")
+BENCHMARKS = ("bench_pipeline", "bench_feeding", "bench_horovod", "bench_ray", "bench_memory", "scaling_model")
 TITLES = {
     "bench_pipeline": "1. Input pipeline: Parquet + tf.data vs image_dataset_from_directory",
     "bench_horovod": "2. Horovod overhead and scaling",
     "bench_ray": "3. Ray fold scheduling",
     "bench_memory": "4. Peak memory of a training worker",
+    "bench_feeding": "1b. Feeding a GPU: input side per core, augmentation in tf.data vs in the model; XLA step",
     "scaling_model": "5. Scaling on paper (model, not measurement)",
 }
 

@@ -1,8 +1,9 @@
 """Scaling on paper: expected throughput and scaling efficiency of one fold on 1-64 GPUs.
 
 Reads the measured model costs (parameters, multiply-accumulates per image, batch size)
-and CPU numbers from `bench_horovod.json` (and the pipeline rate from `bench_pipeline.json`
-when present), applies a stated GPU and network model, and prints a Markdown table per
+and CPU numbers from `bench_horovod.json`, and the input side's images/s per CPU core from
+`bench_feeding.json` (augmentation in the model, the default) or else `bench_pipeline.json`
+(augmentation in tf.data, 1 parallel call) when present, applies a stated GPU and network model, and prints a Markdown table per
 configuration; writes `scaling_model.json`. It is a paper model for planning, not a
 measurement: every assumption is a flag, printed with the result. See
 benchmarks/README.md, "Scaling on paper".
@@ -97,7 +98,20 @@ def allreduce_s(n: int, nbytes: float, sc: dict[str, Any], horovod_s: float) -> 
     return t + horovod_s
 
 
-def model_one(name: str, h: dict[str, Any], pipeline_per_core: float | None, a: Any) -> dict[str, Any]:
+def pipeline_rate(size: int, feeding: dict[str, Any] | None, pipeline: dict[str, Any] | None) -> tuple[float | None, str]:
+    """Input-side images/s per CPU core at `size` px, and where it comes from."""
+    if feeding and str(size) in feeding["results"]["sizes"]:
+        rate = feeding["results"]["sizes"][str(size)]["input"]["model"]["per_core_images_per_s"]
+        return rate, "bench_feeding.json: augmentation in the model, per core of CPU time"
+    if pipeline and str(size) in pipeline["results"]["sizes"]:
+        p1 = pipeline["results"]["sizes"][str(size)]["pipeline"].get("p1")
+        if p1:
+            return p1["ours"]["images_per_s"], "bench_pipeline.json: augmentation in tf.data, 1 parallel call"
+    return None, ""
+
+
+def model_one(name: str, h: dict[str, Any], pipeline_per_core: float | None, a: Any,
+              pipeline_source: str = "") -> dict[str, Any]:
     costs = h["costs"]
     batch = a.batch or h["batch_per_rank"]
     macs = costs["forward_macs_per_image"]
@@ -114,7 +128,7 @@ def model_one(name: str, h: dict[str, Any], pipeline_per_core: float | None, a: 
         "gradient_bytes": nbytes, "gpu_effective_tflop_s": f_eff / 1e12, "t_compute_ms": 1000 * t_compute,
         "gpu_images_per_s": gpu_img_s, "cpu_1_thread_images_per_s": cpu_img_s,
         "gpu_over_cpu_thread": gpu_img_s / cpu_img_s,
-        "pipeline_images_per_s_per_core": pipeline_per_core,
+        "pipeline_images_per_s_per_core": pipeline_per_core, "pipeline_source": pipeline_source,
         "pipeline_cores_per_gpu": gpu_img_s / pipeline_per_core if pipeline_per_core else None,
         "steps_per_epoch": {n: math.ceil(train_images / (n * batch)) for n in GPUS},
         "scenarios": {},
@@ -153,8 +167,9 @@ def markdown(m: dict[str, Any]) -> str:
                  + " | ".join(str(m["steps_per_epoch"][n]) for n in GPUS) + " |")
     if m["pipeline_cores_per_gpu"]:
         lines.append("")
-        lines.append(f"Input pipeline: {m['pipeline_images_per_s_per_core']:.0f} img/s per CPU core (measured, 1 "
-                     f"parallel call) -> about {m['pipeline_cores_per_gpu']:.0f} CPU cores per GPU to keep it fed.")
+        lines.append(f"Input pipeline: {m['pipeline_images_per_s_per_core']:.0f} img/s per CPU core (measured: "
+                     f"{m.get('pipeline_source') or 'bench_pipeline.json'}) -> about "
+                     f"{m['pipeline_cores_per_gpu']:.1f} CPU cores per GPU to keep it fed.")
     return "\n".join(lines)
 
 
@@ -166,17 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     hjson = json.loads(src.read_text())
     pjson_path = a.results_dir / "bench_pipeline.json"
     pjson = json.loads(pjson_path.read_text()) if pjson_path.is_file() else None
+    fjson_path = a.results_dir / "bench_feeding.json"
+    fjson = json.loads(fjson_path.read_text()) if fjson_path.is_file() else None
     assumptions = {k: v for k, v in vars(a).items() if k not in ("out_dir", "work_dir", "results_dir", "smoke", "repeats")}
     report = Report("scaling_model", bool(hjson.get("smoke")), {"source": str(src), "assumptions": assumptions})
     models = {}
     for key, h in hjson["results"].items():
         size = int(key.rstrip("px"))
         h = {**h, "image_size": size}
-        per_core = None
-        if pjson and str(size) in pjson["results"]["sizes"]:
-            p1 = pjson["results"]["sizes"][str(size)]["pipeline"].get("p1")
-            per_core = p1["ours"]["images_per_s"] if p1 else None
-        m = model_one(key, h, per_core, a)
+        per_core, source = pipeline_rate(size, fjson, pjson)
+        m = model_one(key, h, per_core, a, source)
         models[key] = m
         print(markdown(m) + "\n")
         for sc_name in ("8 GPUs/node on NVLink, nodes on 100 GbE", "1 GPU/node, 25 GbE"):

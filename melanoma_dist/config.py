@@ -187,6 +187,10 @@ class PipelineConfig:
     parallel_calls: int = -1
     """Parallel decode calls; -1 lets tf.data choose (AUTOTUNE)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_on: Literal["model", "pipeline"] = "model"
+    """Where training-time augmentation runs: `model` (default), as the first block of the training model
+    (on the accelerator where there is one; tf.data only reads, decodes and batches), or `pipeline`, in
+    tf.data on the worker's CPUs. The saved and exported models never hold it."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"pipeline.batch_size must be >= 1, got {self.batch_size}")
@@ -269,8 +273,13 @@ class TrainConfig:
     """Epochs without improvement of `monitor` before the learning rate is reduced (`plateau`)."""
     reduce_lr_factor: float = 0.5
     """Factor applied by ReduceLROnPlateau."""
-    mixed_precision: bool = False
-    """Train in mixed_float16 (GPU only; ignored with a warning on CPU)."""
+    mixed_precision: Literal["none", "bf16", "fp16", False, True] = "none"
+    """Mixed precision on GPUs (ignored with a warning on CPU): `bf16` (mixed_bfloat16: Ampere, Hopper and
+    later; float32's range, so no loss scaling), `fp16` (mixed_float16 with dynamic loss scaling; older GPUs)
+    or `none`. `true` and `false` (older configs) mean `fp16` and `none`."""
+    jit_compile: bool = False
+    """Compile the forward and backward pass with XLA; the Horovod gradient allreduce and the optimizer
+    update stay outside it (`model/training_model.py`). Mostly a GPU gain."""
     seed: int = 1234
     """Seed for weights, shuffling and augmentation."""
     verbose: int = 0
@@ -292,6 +301,8 @@ class TrainConfig:
         _check(0 < self.reduce_lr_factor < 1, f"train.reduce_lr_factor must be in (0, 1), got {self.reduce_lr_factor}")
         _check_seed(self.seed, "train.seed")
         _check(self.verbose in (0, 1, 2), f"train.verbose must be 0, 1 or 2, got {self.verbose}")
+        if isinstance(self.mixed_precision, bool):  # the boolean of older configs: true was mixed_float16
+            object.__setattr__(self, "mixed_precision", "fp16" if self.mixed_precision else "none")
 
 
 @dataclass(frozen=True)
@@ -371,7 +382,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return _from_dict(tp, value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        # By type too: 1 == True, so `in` alone would take 1 for a boolean choice.
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
         return value
     if origin is tuple:

@@ -135,24 +135,33 @@ def run_all() -> dict[str, Any]:
     out["gathered_bool"] = hk.allgather_rows(np.full((rows,), rank == 1))
     hk.barrier()
 
-    # 7. mixed_float16: the averaging happens before LossScaleOptimizer's inf/NaN check.
+    # 6. The XLA gradient step (TrainingModel) against the plain one, both with the allreduce.
+    out["xla_equivalence"] = xla_equivalence(rank, size)
+
+    # 7. mixed_float16: the averaging happens before LossScaleOptimizer's inf/NaN check,
+    # in Keras' own step and in the XLA step alike.
+    from melanoma_dist.model.training_model import TrainingModel
+
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),
-                                  keras.layers.Dense(1, dtype="float32")])
-        model.set_weights([np.full(w.shape, 0.1, "float32") for w in model.get_weights()])
-        model.compile(optimizer=hk.distributed_optimizer(keras.optimizers.SGD(0.1)), loss="mse")
-        out["mixed_optimizer"] = type(model.optimizer).__name__
-        xm = np.random.default_rng(7 + rank).normal(size=(4, 4)).astype("float32")
-        ym = np.ones((4, 1), "float32")
-        model.train_on_batch(xm, ym)  # finite everywhere: a step on averaged gradients
-        out["mixed_w1"] = model.get_weights()
-        out["mixed_scale1"] = float(model.optimizer.dynamic_scale.numpy())
-        if rank == 1:
-            xm[0, 0] = np.nan  # inf/NaN on one rank only: every rank must skip the step
-        model.train_on_batch(xm, ym)
-        out["mixed_w2"] = model.get_weights()
-        out["mixed_scale2"] = float(model.optimizer.dynamic_scale.numpy())
+        for suffix, jit in (("", False), ("_xla", True)):
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),
+                                      keras.layers.Dense(1, dtype="float32")])
+            model.set_weights([np.full(w.shape, 0.1, "float32") for w in model.get_weights()])
+            trainer = TrainingModel(model, jit_gradients=True) if jit else model
+            trainer.compile(optimizer=hk.distributed_optimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                            jit_compile=False)
+            out[f"mixed_optimizer{suffix}"] = type(trainer.optimizer).__name__
+            xm = np.random.default_rng(7 + rank).normal(size=(4, 4)).astype("float32")
+            ym = np.ones((4, 1), "float32")
+            trainer.train_on_batch(xm, ym)  # finite everywhere: a step on averaged gradients
+            out[f"mixed_w1{suffix}"] = model.get_weights()
+            out[f"mixed_scale1{suffix}"] = float(trainer.optimizer.dynamic_scale.numpy())
+            if rank == 1:
+                xm[0, 0] = np.nan  # inf/NaN on one rank only: every rank must skip the step
+            trainer.train_on_batch(xm, ym)
+            out[f"mixed_w2{suffix}"] = model.get_weights()
+            out[f"mixed_scale2{suffix}"] = float(trainer.optimizer.dynamic_scale.numpy())
     finally:
         keras.config.set_dtype_policy("float32")
     hk.shutdown()
@@ -239,3 +248,55 @@ def run_agreement(out_dir: str) -> dict[str, Any]:
         out["auc_error"] = str(e)
     hk.shutdown()
     return out
+
+
+# ---------------------------------------------------------------- XLA step (test_horovod_keras.py, test_training_model.py)
+
+CLASS_WEIGHT = {0: 1.0, 1: 3.0}
+
+
+def bn_cnn(seed: int = 0) -> Any:
+    """A sigmoid conv net with a trainable BatchNorm (moving statistics updated in the step), weights from `seed`."""
+    import keras
+
+    model = keras.Sequential([
+        keras.Input((6, 6, 1)),
+        # No bias before BatchNorm: its gradient is rounding noise, which Adam would scale up to full steps.
+        keras.layers.Conv2D(2, 3, use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("tanh"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1, activation="sigmoid", dtype="float32"),
+    ])
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") if "gamma" not in w.name
+                       and "variance" not in w.name else np.ones(w.shape, "float32") for w in model.weights])
+    return model
+
+
+def train_step_run(jit: bool, x: np.ndarray, y: np.ndarray, batch: int, epochs: int = 2) -> dict[str, Any]:
+    """Fit `bn_cnn` through `TrainingModel` (XLA gradients or not) with the distributed optimizer,
+    class weights, an accuracy metric and metric averaging; its weights, BatchNorm statistics and logs."""
+    import keras
+
+    from melanoma_dist import distributed as hk
+    from melanoma_dist.model.training_model import TrainingModel
+
+    model = bn_cnn()
+    trainer = TrainingModel(model, jit_gradients=jit)
+    trainer.compile(optimizer=hk.distributed_optimizer(keras.optimizers.Adam(0.01)), loss="binary_crossentropy",
+                    metrics=["accuracy"], jit_compile=False)
+    hk.broadcast_model(trainer)
+    history = trainer.fit(x, (y > 0).astype("float32"), batch_size=batch, epochs=epochs, shuffle=False, verbose=0,
+                          class_weight=CLASS_WEIGHT, callbacks=[hk.MetricAverageCallback()])
+    hk.sync_batchnorm_statistics(trainer)
+    return {"weights": model.get_weights(), "history": history.history,
+            "bn": [np.asarray(v.numpy()) for v in hk.batchnorm_statistics(model)],
+            "iterations": int(trainer.optimizer.iterations.numpy())}
+
+
+def xla_equivalence(rank: int, size: int) -> dict[str, Any]:
+    """The XLA and the plain step on this rank's half of every batch (2 ranks) or all of it (1 rank)."""
+    x, y = data()
+    xr, yr = shard(x, rank, size), shard(y, rank, size)
+    return {("xla" if jit else "plain"): train_step_run(jit, xr, yr, GLOBAL_BATCH // size) for jit in (False, True)}

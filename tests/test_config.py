@@ -39,7 +39,7 @@ INVALID_CASES = [
     (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
     (["train.epochs=three"], "train.epochs must be an integer, got 'three'"),
     (["model.dropout=1.5"], "model.dropout must be in [0, 1), got 1.5"),
-    (["train.mixed_precision=maybe"], "train.mixed_precision must be true or false"),
+    (["train.mixed_precision=maybe"], "train.mixed_precision must be one of ['none', 'bf16', 'fp16'"),
     (["data.sources=[{kind: zip, path: x}]"], "data.sources[0].kind must be one of"),
     (["data.sources=[{kind: csv}]"], "missing 1 required positional argument: 'path'"),
     (["data.sources=[{kind: folder, path: x, splits: [train]}]"], "splits is only for kind 'csv'"),

@@ -82,16 +82,41 @@ def test_allgather_rows_uneven_in_rank_order(ranks: list[dict[str, Any]]) -> Non
 
 
 @pytest.mark.integration
-def test_mixed_float16_ranks_take_the_same_step_and_skip_decisions(ranks: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize("suffix", ["", "_xla"])
+def test_mixed_float16_ranks_take_the_same_step_and_skip_decisions(ranks: list[dict[str, Any]], suffix: str) -> None:
     r0, r1 = ranks
-    assert r0["mixed_optimizer"] == "DistributedLossScaleOptimizer"  # compile() did not re-wrap it
-    w1 = _flat(r0["mixed_w1"])
-    np.testing.assert_array_equal(w1, _flat(r1["mixed_w1"]))
+    assert r0[f"mixed_optimizer{suffix}"] == "DistributedLossScaleOptimizer"  # compile() did not re-wrap it
+    w1 = _flat(r0[f"mixed_w1{suffix}"])
+    np.testing.assert_array_equal(w1, _flat(r1[f"mixed_w1{suffix}"]))
     assert np.isfinite(w1).all() and np.abs(w1 - 0.1).max() > 1e-4
     # Rank 1 alone had NaN gradients: both ranks skipped the step and halved the loss scale.
     for r in ranks:
-        np.testing.assert_array_equal(_flat(r["mixed_w2"]), w1)
-        assert r["mixed_scale2"] == r["mixed_scale1"] / 2
+        np.testing.assert_array_equal(_flat(r[f"mixed_w2{suffix}"]), w1)
+        assert r[f"mixed_scale2{suffix}"] == r[f"mixed_scale1{suffix}"] / 2
+    if suffix:  # the XLA step (loss scaled inside XLA, averaged and checked outside) took Keras' step
+        np.testing.assert_allclose(w1, _flat(r0["mixed_w1"]), rtol=0, atol=1e-3)
+
+
+@pytest.mark.integration
+def test_xla_step_equals_plain_step_on_two_ranks(ranks: list[dict[str, Any]]) -> None:
+    """XLA forward/backward with the allreduce outside it == Keras' step, on 2 ranks (issue 13)."""
+    runs = [r["xla_equivalence"] for r in ranks]
+    for run in runs:
+        assert_same_training(run["xla"], run["plain"])
+    # Both paths keep the replicas identical (gradients averaged, BatchNorm statistics synced).
+    for path in ("xla", "plain"):
+        np.testing.assert_array_equal(_flat(runs[0][path]["weights"]), _flat(runs[1][path]["weights"]))
+        np.testing.assert_array_equal(_flat(runs[0][path]["bn"]), _flat(runs[1][path]["bn"]))
+
+
+def assert_same_training(xla: dict[str, Any], plain: dict[str, Any]) -> None:
+    """Same steps, weights, BatchNorm statistics and (averaged) logs within float32 tolerance; and trained."""
+    assert xla["iterations"] == plain["iterations"] == 2 * hvd_workers.STEPS
+    np.testing.assert_allclose(_flat(xla["weights"]), _flat(plain["weights"]), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(_flat(xla["bn"]), _flat(plain["bn"]), rtol=0, atol=2e-5)
+    for key in ("loss", "accuracy"):
+        np.testing.assert_allclose(xla["history"][key], plain["history"][key], rtol=1e-5)
+    assert np.abs(_flat(plain["weights"]) - _flat(hvd_workers.bn_cnn().get_weights())).max() > 1e-2
 
 
 # ---------------------------------------------------------------- one process (world of size 1)

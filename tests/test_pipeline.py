@@ -24,7 +24,9 @@ def _images(ds) -> np.ndarray:
 
 
 def _keys(images: np.ndarray) -> list[bytes]:
-    return sorted((im * 255).round().astype(np.uint8).tobytes() for im in images)
+    """Pixel bytes of each image: float [0, 1] images, or the uint8 training batches of `augment_on: model`."""
+    pixels = images if images.dtype == np.uint8 else (images * 255).round().astype(np.uint8)
+    return sorted(im.tobytes() for im in pixels)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -63,17 +65,23 @@ def test_validation_is_plain_ordered_and_complete(dataset):
     assert _keys(first) == stored
 
 
-def test_training_is_augmented(dataset):
+def test_training_is_augmented_where_configured(dataset):
     cfg, index = dataset
     rows = np.arange(len(index))
     stored = set(_keys(_images(make_dataset(index, rows, PLAIN, 16, training=False))))
     plain = make_dataset(index, rows, PLAIN, 16, training=True, seed=1)
     plain_keys = _keys(_images(plain.take(10)))
     assert set(plain_keys) <= stored  # augmentation off: training sees stored images
-    augmented = make_dataset(index, rows, PipelineConfig(batch_size=4), 16, training=True, seed=1)
+    augmented = make_dataset(index, rows, PipelineConfig(batch_size=4, augment_on="pipeline"), 16, training=True,
+                             seed=1)
     aug_keys = _keys(_images(augmented.take(10)))
     assert len(aug_keys) == 40
     assert sum(k in stored for k in aug_keys) < 20  # default augmentation changes most images
+    # augment_on: model (the default): the model scales and augments; tf.data only reads, decodes and
+    # batches, and hands over uint8 pixels.
+    in_model = _images(make_dataset(index, rows, PipelineConfig(batch_size=4), 16, training=True, seed=1).take(10))
+    assert in_model.dtype == np.uint8 and set(_keys(in_model)) <= stored
+    assert _images(augmented.take(1)).dtype == np.float32
 
 
 def test_training_stream_is_endless_and_reshuffled(dataset):

@@ -150,6 +150,7 @@ def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(
     from melanoma_dist import distributed as hk
     from melanoma_dist.model.build import backbone_of, build_model, set_backbone_trainable
     from melanoma_dist.train import checkpoint as ckpt
+    from melanoma_dist.model.training_model import training_model
     from melanoma_dist.train.fold import compile_model
 
     data = {"sources": [{"kind": "ham10000", "path": str(ham_subset), "name": "ham"}],
@@ -166,10 +167,11 @@ def test_pretrained_backbone_freeze_then_unfreeze_resumes_at_the_phase_boundary(
     def last_checkpoint(epochs: int):
         cfg = load_config(config, [f"train.epochs={epochs}"])
         model = build_model(cfg.model, 32, 2)
-        set_backbone_trainable(model, cfg.model, ckpt.load_state(out / "resume")["phase"])
-        compile_model(cfg, model, 2, cfg.train.learning_rate)
-        hk.build_optimizer(model)
-        model.load_weights(ckpt.last_weights(out / "resume"))
+        trainer = training_model(model, cfg, seed=cfg.train.seed)  # the checkpoint holds what fit() trained
+        set_backbone_trainable(trainer, cfg.model, ckpt.load_state(out / "resume")["phase"])
+        compile_model(cfg, trainer, 2, cfg.train.learning_rate)
+        hk.build_optimizer(trainer)
+        trainer.load_weights(ckpt.last_weights(out / "resume"))
         return backbone_of(model)
 
     def same(a, b, layer):

@@ -7,7 +7,9 @@ custom loops (and the one `LossScaleOptimizer` overrides), so the averaging is
 done there, before anything else looks at the gradients. Compile with
 `jit_compile=False`: Horovod ops cannot run under XLA, which
 `jit_compile="auto"` turns on when a GPU is present (`broadcast_model()`
-refuses such a model).
+refuses such a model). To use XLA anyway, compile only the forward and
+backward pass and leave `apply()` outside it: `model/training_model.py`
+(`train.jit_compile`).
 
 Mixed precision: under the `mixed_float16` policy, `compile()` wraps a plain
 optimizer in a `LossScaleOptimizer`, which checks the gradients for inf/NaN and

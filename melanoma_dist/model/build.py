@@ -71,11 +71,18 @@ def build_model(cfg: ModelConfig, image_size: int, num_classes: int, seed: int =
 
 
 def backbone_of(model: keras.Model) -> keras.Model | None:
-    """The nested backbone of a model from `build_model`, or None for the simple CNN."""
+    """The nested backbone of a model from `build_model` (or of a model wrapping one, such as a
+    `TrainingModel`), or None for the simple CNN."""
     try:
         return model.get_layer(BACKBONE_LAYER)
     except ValueError:
-        return None
+        pass
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.Model):
+            found = backbone_of(layer)
+            if found is not None:
+                return found
+    return None
 
 
 def set_backbone_trainable(model: keras.Model, cfg: ModelConfig, blocks: int) -> None:

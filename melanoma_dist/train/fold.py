@@ -39,6 +39,7 @@ from melanoma_dist import distributed as hk
 from melanoma_dist.metrics import classification_metrics, format_metric
 from melanoma_dist.run_files import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
 from melanoma_dist.model.build import build_model, set_backbone_trainable
+from melanoma_dist.model.training_model import training_model
 from melanoma_dist.train import checkpoint as ckpt
 from melanoma_dist.train.progress import EpochProgress
 from melanoma_dist.train.validation import FoldValidation, monitored_metric
@@ -105,6 +106,7 @@ def compile_model(cfg: Config, model: keras.Model, num_classes: int, learning_ra
         loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
         # Horovod's allreduce ops cannot run inside XLA clusters; Keras would pick XLA on GPUs.
+        # train.jit_compile compiles the forward/backward pass alone (model/training_model.py).
         jit_compile=False)
     return model
 
@@ -163,13 +165,18 @@ class _Inputs:
     class_weight: dict[int, float] | None
 
 
+MIXED_POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+"""Keras dtype policy of each `train.mixed_precision` setting."""
+
+
 def _start_worker(cfg: Config) -> hk.WorkerContext:
     """Join Horovod, set the precision policy and the seed."""
     # Horovod: one process per GPU, pinned by local rank; a plain process is rank 0 of 1.
     ctx = hk.init_worker(use_gpu=cfg.distributed.gpus_per_worker > 0)
-    if cfg.train.mixed_precision:
+    if cfg.train.mixed_precision != "none":
         if tf.config.list_physical_devices("GPU"):
-            keras.mixed_precision.set_global_policy("mixed_float16")
+            # fp16 gets a loss-scale optimizer from hk.distributed_optimizer; bf16 needs none.
+            keras.mixed_precision.set_global_policy(MIXED_POLICIES[cfg.train.mixed_precision])
         else:
             logger.warning("train.mixed_precision is set but no GPU is visible: training in float32")
     # Horovod: a seed per rank, so unseeded randomness differs between ranks (reproducible per world size).
@@ -294,7 +301,11 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
 
     # Horovod: rank 0 alone reads the checkpoint and decides; every rank resumes at its epoch.
     resume = ckpt.resume_fold(cfg, fold, data.fingerprint, out / "resume", ctx.is_chief)
-    early_stopping = _train_phases(cfg, fold, ctx, model, data, inputs, resume)
+    # Augmentation as the first block (pipeline.augment_on: model) and/or the XLA step (train.jit_compile):
+    # fit trains `trainer`, which shares `model`'s weights; `model` alone is scored and saved.
+    # Horovod: augmentation seeded per rank, as the pipeline's.
+    trainer = training_model(model, cfg, seed=ctx.rank_seed(cfg.train.seed))
+    early_stopping = _train_phases(cfg, fold, ctx, trainer, data, inputs, resume)
 
     # Score with the best epoch's weights (the same on every rank: the metrics are whole-fold).
     if early_stopping.best_weights is not None:
