@@ -5,6 +5,7 @@
     melanoma-dist train  --config configs/quick-cpu.yaml --fold 0  # one fold (ingests first if needed)
     melanoma-dist cv     --config configs/quick-cpu.yaml           # all folds, Horovod groups placed by Ray
     melanoma-dist cv     --config ... --address HEAD_IP:6379      # from a node of an existing cluster (or RAY_ADDRESS)
+    melanoma-dist tune   --config configs/tune-cpu.yaml [--nested] # Ray Tune search, every trial a CV
     horovodrun -np 2 --gloo melanoma-dist train --config ... --fold 0   # the same fold on 2 workers
 
 Every command takes `--config FILE` and any number of `--set section.key=value`
@@ -118,12 +119,34 @@ def cmd_cv(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from melanoma_dist.tune.experiment import format_summary, run_tune
+
+    if args.nested:
+        cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, estimate="nested"))
+    if not cfg.tune.space:
+        raise ValueError("tune.space is empty: give the keys to search, e.g. "
+                         "--set 'tune.space.train.learning_rate=loguniform(1e-4, 3e-3)' (see configs/tune-cpu.yaml)")
+    ensure_writable_dir(cfg.output_dir, "output_dir")
+    _check_dataset_dir(cfg, makes_folds=True)
+    try:
+        summary = run_tune(cfg, address=args.address or "", resume=args.resume)
+    except RuntimeError as e:  # no trial finished
+        print(f"melanoma-dist tune: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(cfg, summary))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "config": (cmd_config, "print the resolved configuration"),
     "ingest": (cmd_ingest, "read image collections into Parquet shards, then make the folds"),
     "folds": (cmd_folds, "(re)make the cross-validation folds and check them for leakage"),
     "train": (cmd_train, "train and score one fold (ingests and makes folds first if needed)"),
     "cv": (cmd_cv, "cross-validate: every fold a Horovod group, scheduled on a Ray cluster"),
+    "tune": (cmd_tune, "search hyperparameters with Ray Tune: every trial a cross-validation, an honest estimate"),
     "launch": (lambda cfg, args: cmd_launch(cfg, args, cv=cmd_cv), "run `cv` here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
 }
 
@@ -148,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cv":
             p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
             p.add_argument("--folds", help="comma-separated folds to run (default: all)")
+        if name == "tune":
+            p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+            p.add_argument("--nested", action="store_true", help="nested CV: a search in every outer fold "
+                           "(same as --set tune.estimate=nested)")
+            p.add_argument("--resume", action="store_true", help="restore the searches of output_dir and fail if "
+                           "there is none (without it, existing searches are restored anyway)")
         if name == "launch":
             add_launch_arguments(p)
         add_evidence_arguments(name, p)  # report, audit, export, evaluate, predict

@@ -344,6 +344,62 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Hyperparameter search of `melanoma-dist tune` (Ray Tune); ignored by every other command.
+
+    Every trial is one cross-validation of the config with the trial's values (`folds.k`
+    folds); see `melanoma_dist/tune/`."""
+
+    space: dict[str, str] = field(default_factory=dict)
+    """Dotted config key -> distribution, e.g. `train.learning_rate: loguniform(1e-4, 3e-3)`,
+    `pipeline.batch_size: choice([32, 64])`, `train.epochs: grid([4, 8])`, `model.dropout: uniform(0, 0.5)`.
+    Keys of the pipeline, model and train sections; uniform/loguniform on an integer key draw integers."""
+    metric: Literal["auto", "roc_auc", "balanced_accuracy"] = "auto"
+    """What the search maximises: the trial's pooled out-of-fold value (and, per epoch for the
+    scheduler, the mean over its folds). `auto`: ROC-AUC of melanoma (of the positive class) for
+    two-class schemes, balanced accuracy for ham7."""
+    num_samples: int = 8
+    """Trials drawn (random, tpe); grid entries are crossed with them (Ray Tune's rule)."""
+    search_algorithm: Literal["random", "grid", "tpe"] = "random"
+    """`random` sampling, `grid` (every combination of grid/choice values once), or `tpe` (Optuna's TPE;
+    needs the optuna package)."""
+    seed: int = 0
+    """Seed of the search algorithm's draws."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """`asha` stops trials whose per-epoch fold-mean metric falls behind (Async Successive Halving);
+    `none` runs every trial to its end."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: at each rung only the best 1/reduction_factor of the trials go on."""
+    max_epochs: int = 0
+    """ASHA: the epoch horizon; 0 takes the largest train.epochs a trial can have."""
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0: as many as the cluster's resources hold (the others queue)."""
+    folds_in_parallel: int = 0
+    """Folds of one trial trained at once (the trial reserves their workers); 0: as many as the cluster
+    holds, at most folds.k."""
+    estimate: Literal["holdout", "nested", "none"] = "holdout"
+    """The honest estimate of the chosen config: `holdout` (one outer fold of `outer_k`, never seen by the
+    search, scores the best config retrained on the rest), `nested` (every outer fold, a search each),
+    `none` (search on all the data; the best score is optimistic)."""
+    outer_k: int = 5
+    """Outer folds (stratified, lesion-grouped) for `holdout` and `nested`."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, f"tune.num_samples must be >= 1, got {self.num_samples}")
+        _check_seed(self.seed, "tune.seed")
+        _check(self.grace_period >= 1, f"tune.grace_period must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {self.reduction_factor}")
+        for key in ("max_epochs", "max_concurrent_trials", "folds_in_parallel"):
+            _check(getattr(self, key) >= 0, f"tune.{key} must be >= 0 (0: automatic), got {getattr(self, key)}")
+        _check(self.outer_k >= 2, f"tune.outer_k must be >= 2, got {self.outer_k}")
+        _check(self.search_algorithm != "grid" or self.num_samples == 1,
+               f"tune.search_algorithm=grid runs every combination once: set tune.num_samples=1 "
+               f"(got {self.num_samples})")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole job: data, folds, pipeline, model, training, distribution."""
 
@@ -353,11 +409,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     output_dir: str = "runs/train"
     """Where fold results (models, histories, predictions, metrics) are written."""
 
     def __post_init__(self) -> None:
         _check_path(self.output_dir, "output_dir", "the folder for the fold results (e.g. runs/train)")
+        if self.tune != TuneConfig():  # keys, values and metric of the search, against the rest of the config
+            from melanoma_dist.tune.space import check_tune_section
+
+            check_tune_section(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), suitable for YAML/JSON."""
@@ -393,6 +454,11 @@ def _build(tp: Any, value: Any, where: str) -> Any:
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return tuple(_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:  # a mapping of names to values (tune.space)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        (_key_tp, value_tp) = typing.get_args(tp)
+        return {str(k): _build(value_tp, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: union types are not supported")  # pragma: no cover
     if tp is bool:
@@ -457,7 +523,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not parts:
         raise ConfigError(f"override {assignment!r} has an empty key")
     value = yaml.safe_load(text) if text.strip() else ""
-    _check_override_keys(parts)
+    parts = _check_override_keys(parts)
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -475,11 +541,17 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node[last] = value
 
 
-def _check_override_keys(parts: list[str]) -> None:
-    """Walk the Config schema along an override's key, so that a typo is named (not taken for a new section)."""
+def _check_override_keys(parts: list[str]) -> list[str]:
+    """Walk the Config schema along an override's key, so that a typo is named (not taken for a new section).
+
+    Returns:
+        The key's parts, those below a mapping (`tune.space`) joined into one key of it.
+    """
     tp: Any = Config
     for i, part in enumerate(parts):
         where = ".".join(parts[:i])
+        if typing.get_origin(tp) is dict:  # tune.space.train.learning_rate: "train.learning_rate" is one key
+            return [*parts[:i], ".".join(parts[i:])]
         if typing.get_origin(tp) is tuple:  # a list: this part is an index, checked against the items later
             tp = typing.get_args(tp)[0]
             continue
@@ -489,6 +561,7 @@ def _check_override_keys(parts: list[str]) -> None:
         if part not in names:
             raise _unknown_key(where, part, names)
         tp = typing.get_type_hints(tp)[part]
+    return parts
 
 
 def _index(node: list, part: str, path: list[str]) -> int:

@@ -47,6 +47,19 @@ def find_evaluations(result_dir: Path) -> list[dict]:
     return out
 
 
+def tune_evidence(result_dir: Path) -> dict | None:
+    """The search of a `melanoma-dist tune` run in `<result_dir>/tune/` (summary, trials), or None."""
+    from melanoma_dist.tune.results import SUMMARY_JSON, read_trials
+
+    tune_dir = Path(result_dir) / "tune"
+    if not (tune_dir / SUMMARY_JSON).is_file():
+        return None
+    summary = json.loads((tune_dir / SUMMARY_JSON).read_text())
+    trials = read_trials(tune_dir)
+    params = [k for k in (trials[0] if trials else {}) if "." in k]
+    return {"summary": summary, "trials": trials, "params": params}
+
+
 def draw_figures(result: CVResult, ev: dict, fig_dir: Path) -> dict[str, Path]:
     """Draw every figure of the report into `fig_dir`; return {key: path} of those drawn."""
     k = ev["decision_index"]
@@ -75,6 +88,9 @@ def draw_figures(result: CVResult, ev: dict, fig_dir: Path) -> dict[str, Path]:
     if len(result.class_names) > 2:
         figs["ovr_roc"] = plots.one_vs_rest_roc(fig_dir / "ovr_roc.png", result.oof_labels, result.oof_probs,
                                                 result.class_names)
+    if ev.get("tune"):
+        figs["tune"] = plots.tune_trials(fig_dir / "tune.png", ev["tune"]["trials"], ev["tune"]["params"],
+                                         ev["tune"]["summary"]["metric"])
     examples = ev["audit"].get("near", {}).get("examples", []) if ev["audit"].get("available") else []
     if examples:
         try:
@@ -116,6 +132,7 @@ def write_report(result_dir: str | Path, out_dir: str | Path | None = None,
     card_path = out / "model_card.md" if out_dir is not None else result.result_dir / "model_card.md"
     out.mkdir(parents=True, exist_ok=True)
     ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)
+    ev["tune"] = tune_evidence(result.result_dir)
     figs = draw_figures(result, ev, out / FIGURES_DIR)
     rel = {k: p.relative_to(out).as_posix() for k, p in figs.items()}
     evaluations = find_evaluations(result.result_dir)

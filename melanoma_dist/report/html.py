@@ -238,6 +238,21 @@ def _manifest_section(ev: Mapping) -> str:
             + "<h3>Configuration</h3><pre>" + esc(yaml.safe_dump(pv["config"], sort_keys=False)) + "</pre>")
 
 
+def tune_html(tune: Mapping, figures: Mapping[str, str]) -> str:
+    """The search of a `tune` run: how the estimate was made, every trial, the metric vs the parameters."""
+    s, params = tune["summary"], tune["params"]
+    rows = [[esc(r["outer_fold"]), esc(r["trial_id"]), esc(r["state"]), *[esc(r[p]) for p in params], num(r["oof"], 4),
+             f"{num(r['fold_mean'], 4)} ± {num(r['fold_sd'], 4)}", esc(r["epochs"])] for r in tune["trials"]]
+    estimate = (f" Estimate: <b>{num(s['estimate_mean'], 4)}</b>" + (f" ± {num(s['estimate_sd'], 4)}" if s.get("estimate_sd")
+                                                                     else "") if s.get("estimate_mean") is not None else "")
+    return (f"<p>{esc(s['num_trials'])} trials ({esc(s['search_algorithm'])} search, scheduler {esc(s['scheduler'])}), "
+            f"metric {esc(s['metric'])}. How the reported estimate was made: <b>{esc(s['estimate'])}</b>: "
+            f"{esc(s['estimate_description'])}.{estimate} Chosen: <code>{esc(s['chosen']['params'])}</code>.</p>"
+            + table(["outer fold", "trial", "state", *[esc(p) for p in params], "pooled OOF", "mean ± sd over folds",
+                     "epochs"], rows, left_cols=3)
+            + figure(figures, "tune", "metric vs the searched parameters"))
+
+
 def render_report(ev: Mapping, figures: Mapping[str, str], evaluations: Sequence[Mapping] = ()) -> str:
     """The whole report page.
 
@@ -277,6 +292,8 @@ def render_report(ev: Mapping, figures: Mapping[str, str], evaluations: Sequence
         figure(figures, "classes", "class distribution"),
         "<h2>Leakage audit</h2>", audit_html(ev["audit"], figures),
     ]
+    if ev.get("tune"):
+        sections += ["<h2>Hyperparameter search</h2>", tune_html(ev["tune"], figures)]
     if evaluations:
         sections += ["<h2>External evaluation</h2>", external_html(evaluations)]
     sections += ["<h2>Run manifest</h2>", _manifest_section(ev)]

@@ -239,3 +239,40 @@ def image_pairs(path: Path, pairs: Sequence[tuple[bytes, bytes, str]], max_pairs
             ax.set_yticks([])
         axes[r, 0].set_title(caption, fontsize=7, loc="left")
     return _save(fig, path)
+
+
+def tune_trials(path: Path, rows: Sequence[Mapping[str, str]], params: Sequence[str], metric: str) -> Path | None:
+    """The search's metric against each searched parameter (one panel each): finished trials by their pooled
+    out-of-fold value, trials stopped early by ASHA (hollow) by their last fold mean.
+
+    Returns:
+        The path, or None when no trial has a value.
+    """
+    def value(r: Mapping[str, str]) -> float | None:
+        v = r.get("oof") or r.get("fold_mean")
+        return float(v) if v not in (None, "") else None
+
+    rows = [r for r in rows if value(r) is not None]
+    if not rows or not params:
+        return None
+    fig, axes = _figure(4 * len(params), 3.5, ncols=len(params))
+    for ax, p in zip(axes[0], params):
+        for finished, style in ((True, {"color": "C0"}), (False, {"facecolors": "none", "edgecolors": "C3"})):
+            sel = [r for r in rows if (r["state"] == "finished") == finished]
+            xs = [r.get(p, "") for r in sel]
+            numeric = all(_is_float(x) for x in xs)
+            ax.scatter([float(x) for x in xs] if numeric else xs, [value(r) for r in sel], s=30,
+                       label="finished (pooled OOF)" if finished else "stopped early (fold mean)", **style)
+        if p.endswith("learning_rate"):
+            ax.set_xscale("log")
+        ax.set(xlabel=p, ylabel=metric, title=f"{metric} vs {p.split('.')[-1]}")
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _is_float(x: object) -> bool:
+    try:
+        float(x)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False

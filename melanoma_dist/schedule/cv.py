@@ -224,7 +224,7 @@ def fold_spec(cfg: Config, fold: int, attempt: int) -> GroupSpec:
 
 
 def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, int], Any] | None = None,
-                          stop: threading.Event | None = None) -> Any:
+                          stop: threading.Event | None = None, within: Any = None) -> Any:
     """Train one fold as a Horovod group, starting again (and resuming) when a worker or node died.
 
     A fold makes progress when it writes to its directory (every epoch: the
@@ -238,6 +238,8 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
             Defaults to `None`: this module's `_fold_worker` (`train_fold`), looked up at call
             time so that a benchmark can wrap it.
         stop: When set, the running attempt is torn down and the fold fails. Defaults to `None`.
+        within: A placement group of the caller's to start the ranks in (see `run_horovod_group`).
+            Defaults to `None`.
 
     Returns:
         What rank 0 returned.
@@ -255,7 +257,7 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
                     fold, spec.num_workers, attempt, attempts)
         try:
             results = run_horovod_group(worker, [cfg.to_dict(), fold, attempt], spec,
-                                        progress=lambda: last_write(out), stop=stop)
+                                        progress=lambda: last_write(out), stop=stop, within=within)
             return results[0]  # rank 0 holds the metrics
         except Exception as e:
             if not is_healable(e):

@@ -189,7 +189,7 @@ def _teardown(adapter: Any, pg: Any) -> None:
 
 def run_horovod_group(fn: Callable[..., Any], args: Sequence[Any], spec: GroupSpec,
                       progress: Callable[[], float] | None = None,
-                      stop: threading.Event | None = None) -> list[Any]:
+                      stop: threading.Event | None = None, within: Any = None) -> list[Any]:
     """Run `fn(*args)` on each rank of a new Horovod group; return the results in rank order.
 
     The group is torn down (actors killed, placement group removed) whatever
@@ -203,6 +203,9 @@ def run_horovod_group(fn: Callable[..., Any], args: Sequence[Any], spec: GroupSp
             write in its output directory. Defaults to `None` (the start of the run: then
             `progress_timeout_s` bounds the whole run).
         stop: When set (by another thread), the group is torn down. Defaults to `None`.
+        within: A placed placement group that the caller owns and that has free bundles for the
+            ranks (a Ray Tune trial's): the ranks go there, and it is neither made nor removed
+            here. Defaults to `None` (a placement group of the group's own).
 
     Raises:
         Whatever a worker raised (as a `ray.exceptions.RayTaskError`), a Ray error when a worker
@@ -214,12 +217,13 @@ def run_horovod_group(fn: Callable[..., Any], args: Sequence[Any], spec: GroupSp
                                            placement_group_timeout_s=spec.queue_timeout_s)
     pg = adapter = None
     try:
-        pg, strategy = _place(spec)
-        _wait_placed(pg, spec, stop)
-        logger.debug("%s placed (%s)", spec.name or "group", strategy)
-        adapter = _adapter(settings, spec, pg)  # assigned before start: a failed start is torn down too
+        if within is None:
+            pg, strategy = _place(spec)
+            _wait_placed(pg, spec, stop)
+            logger.debug("%s placed (%s)", spec.name or "group", strategy)
+        adapter = _adapter(settings, spec, within or pg)  # assigned before start: a failed start is torn down too
         adapter.start(extra_env_vars=spec.worker_env())
         refs = adapter.run_remote(fn, args=list(args))
         return _wait_ranks(refs, spec, progress, stop)
     finally:
-        _teardown(adapter, pg)
+        _teardown(adapter, pg)  # the caller's placement group (`within`) stays

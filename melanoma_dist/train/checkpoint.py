@@ -55,6 +55,7 @@ def resume_key(cfg: Config) -> str:
     for volatile in ("epochs", "verbose"):
         d["train"].pop(volatile)
     d.pop("distributed")  # another number of workers resumes too: `restore_model` rescales the learning rate
+    d.pop("tune", None)  # the search settings do not shape a fold's training
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -42,6 +42,7 @@ from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.model.training_model import training_model
 from melanoma_dist.train import checkpoint as ckpt
 from melanoma_dist.train.progress import EpochProgress
+from melanoma_dist.train.tensorboard import fold_tensorboard
 from melanoma_dist.train.validation import FoldValidation, monitored_metric
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,8 @@ def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Mo
             callbacks += [EpochProgress(fold, cfg.train.epochs),
                           keras.callbacks.CSVLogger(str(out / HISTORY_FILE), append=initial_epoch > 0),
                           ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, ckpt.resume_key(cfg),
-                                              data.fingerprint, phase=p, workers=ctx.size)]
+                                              data.fingerprint, phase=p, workers=ctx.size),
+                          fold_tensorboard(out)]
         # A fold that stopped early before a crash is done: training on would change its result.
         if initial_epoch < phase.end_epoch and not early_stopping.stopped_epoch:
             # shuffle=False: the dataset shuffles itself.
