@@ -33,8 +33,9 @@ from melanoma_dist.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-REFERENCE = ["data.image_size=96", "data.dataset_dir=runs/ham-isic-96"]
-"""What every variant starts from: the config, at 96 px."""
+REFERENCE = ["data.image_size=96", "data.dataset_dir=runs/ham-isic-96", "pipeline.augment_on=pipeline"]
+"""What every variant starts from: the config at 96 px, augmenting in tf.data as the reference fold did
+(before `pipeline.augment_on` existed), so that the variants differ from it by one option only."""
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("the reference: pretrained-cpu at 96 px", []),

@@ -65,10 +65,15 @@ def _search_algorithm(cfg: Config) -> Any:
         except ImportError:
             raise ValueError("tune.search_algorithm=tpe needs the optuna package, which is not installed here: "
                              "install it (pip install optuna) or set tune.search_algorithm=random or grid") from None
-        return OptunaSearch(seed=t.seed)
+        from ray.tune.search import ConcurrencyLimiter
+
+        search = OptunaSearch(seed=t.seed)
+        return ConcurrencyLimiter(search, t.max_concurrent_trials) if t.max_concurrent_trials else search
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed)
+    # The limit goes to the search algorithm itself: Tune ignores TuneConfig.max_concurrent_trials when it
+    # is given one. With 1, trials run strictly in their draw (grid) order.
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
 
 
 def _scheduler(cfg: Config) -> Any:
@@ -132,7 +137,7 @@ def run_search(cfg: Config, search_dir: Path, trials_dir: Path, label: str, resu
             trainable, param_space=param_space(cfg),
             tune_config=tune.TuneConfig(
                 metric="score", mode="max", num_samples=cfg.tune.num_samples, search_alg=_search_algorithm(cfg),
-                scheduler=_scheduler(cfg), max_concurrent_trials=cfg.tune.max_concurrent_trials or None,
+                scheduler=_scheduler(cfg),
                 reuse_actors=False, trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=str(search_dir), verbose=0,
