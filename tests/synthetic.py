@@ -40,3 +40,22 @@ def make_dataset(tmp: Path, n_per_class: dict[str, int] | None = None, image_siz
     ingest(cfg, progress=False)
     make_folds(cfg.dataset_dir, k, seed=42)
     return cfg
+
+
+def tiny_run(data: DataConfig, out: Path, **sections: dict) -> dict:
+    """The raw config of a tiny real run on `data`: a 4/8-filter CNN, 2 folds, 2 epochs, 1 worker per fold.
+
+    Each keyword updates that section (`train={"epochs": 3}`), or adds one (`tune={...}`).
+    """
+    raw: dict = {
+        "data": {"dataset_dir": data.dataset_dir, "image_size": data.image_size, "label_scheme": "melanoma"},
+        "folds": {"k": 2, "seed": 42},
+        "pipeline": {"batch_size": 4, "shuffle_buffer": 32},
+        "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8, "dropout": 0.0},
+        "train": {"epochs": 2, "learning_rate": 0.01, "warmup_epochs": 1, "verbose": 0},
+        "distributed": {"workers_per_fold": 1, "cpus_per_worker": 1, "max_retries": 1},
+        "output_dir": str(out),
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw

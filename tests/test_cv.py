@@ -18,7 +18,7 @@ from melanoma_dist.config import config_from_dict
 from melanoma_dist.data.folds import load_folds
 from melanoma_dist.data.pipeline import RowIndex
 from melanoma_dist.schedule.cv import run_cv
-from tests.synthetic import make_dataset
+from tests.synthetic import make_dataset, tiny_run
 
 ray = pytest.importorskip("ray")
 from tests.clusters import simulated_cluster  # noqa: E402
@@ -39,15 +39,7 @@ def data(tmp_path_factory):
 
 
 def cv_config(data, out, **train):
-    return config_from_dict({
-        "data": {"dataset_dir": data.dataset_dir, "image_size": data.image_size, "label_scheme": "melanoma"},
-        "folds": {"k": 2, "seed": 42},
-        "pipeline": {"batch_size": 4, "shuffle_buffer": 32},
-        "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8, "dropout": 0.0},
-        "train": {"epochs": 2, "learning_rate": 0.01, "warmup_epochs": 1, "verbose": 0, **train},
-        "distributed": {"workers_per_fold": 2, "cpus_per_worker": 1, "max_retries": 2},
-        "output_dir": str(out),
-    })
+    return config_from_dict(tiny_run(data, out, train=train, distributed={"workers_per_fold": 2, "max_retries": 2}))
 
 
 def _fold_metrics(out, fold):

@@ -23,7 +23,7 @@ from melanoma_dist.data.folds import load_folds
 from melanoma_dist.tune.experiment import run_tune
 from melanoma_dist.tune.outer import held_out_ids
 from melanoma_dist.tune.results import read_trials
-from tests.synthetic import make_dataset
+from tests.synthetic import make_dataset, tiny_run
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
@@ -45,16 +45,8 @@ def data(tmp_path_factory):
 
 
 def tune_raw(data, out, tune, **train):
-    return {
-        "data": {"dataset_dir": data.dataset_dir, "image_size": data.image_size, "label_scheme": "melanoma"},
-        "folds": {"k": 2, "seed": 42},
-        "pipeline": {"batch_size": 4, "shuffle_buffer": 32},
-        "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8, "dropout": 0.0},
-        "train": {"epochs": 3, "learning_rate": 0.01, "warmup_epochs": 0, "early_stopping_patience": 5, **train},
-        "distributed": {"workers_per_fold": 1, "cpus_per_worker": 1, "max_retries": 1},
-        "tune": tune,
-        "output_dir": str(out),
-    }
+    return tiny_run(data, out, tune=tune, train={"epochs": 3, "warmup_epochs": 0, "early_stopping_patience": 5,
+                                                 **train})
 
 
 class PlacementSampler(threading.Thread):
