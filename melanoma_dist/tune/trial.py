@@ -153,6 +153,11 @@ class CVTrial(tune.Trainable):
             if len(finished) == len(self.folds) and epoch >= longest:
                 return self._final(epoch, curves)
             if curves and epoch <= longest and all(len(c) >= epoch or f in finished for f, c in curves.items()):
+                if epoch >= self.cfg.train.epochs:
+                    # The last epoch is reported with the CV result, once every fold has scored: ASHA stops
+                    # every trial at max_t, so an epoch-only report there would cut the trial before its result.
+                    time.sleep(_POLL_S)
+                    continue
                 self.iteration_epoch = epoch
                 return self._epoch_result(epoch, curves, finished)
             time.sleep(_POLL_S)
