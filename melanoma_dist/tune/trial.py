@@ -172,9 +172,9 @@ class CVTrial(tune.Trainable):
                 "cv_complete": False}
 
     def _final(self, epoch: int, curves: dict[int, list[float]]) -> dict[str, Any]:
+        # aggregate_cv writes the trial's CV files (cv_summary.json, oof_predictions.csv) itself.
         summary = aggregate_cv(self.out, self.cfg.folds.k, label_schemes.reported_melanoma_index(
             self.cfg.data.label_scheme))
-        (self.out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         pooled = summary["pooled_oof"].get(self.metric)
         ms = summary["mean_std"].get(self.metric, {})
         self.iteration_epoch = epoch
