@@ -7,7 +7,9 @@
 Each benchmark runs as its own process (`benchmarks/<name>.py [--smoke] --out-dir ... --work-dir ...`),
 one at a time, and writes `<out-dir>/<name>.json`. With --smoke they overlap, each in its own
 work dir (smoke numbers mean nothing; it roughly halves the time). `scaling_model.py` runs
-last: it reads `bench_horovod.json` (and `bench_pipeline.json`, `bench_feeding.json`). `<out-dir>/latest.md` gets every summary table. Exit status 1 means
+last: it reads `bench_horovod.json` (and `bench_pipeline.json`, `bench_feeding.json`). `<out-dir>/latest.md` gets every
+summary table: those of this run, and (full runs with --only) the others' from their JSON already in `<out-dir>`,
+each marked with the date and commit it was measured at, so a partial rerun never drops results. Exit status 1 means
 some benchmark failed to run; missed targets never change it (they are marked in the table).
 Run it on an otherwise idle machine: the scripts print the load average they start with.
 """
@@ -86,7 +88,8 @@ def run_overlapped(names: list[str], args: Any) -> list[dict[str, Any]]:
     return runs
 
 
-def write_markdown(out_dir: Path, runs: list[dict[str, Any]], env: dict[str, Any], smoke: bool) -> Path:
+def write_markdown(out_dir: Path, runs: list[dict[str, Any]], env: dict[str, Any], smoke: bool,
+                   argv: list[str]) -> Path:
     v = env["versions"]
     lines = [f"# Benchmark results{' (SMOKE run: tiny sizes, numbers meaningless)' if smoke else ''}", "",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; git {env['git'].get('commit', '?')[:12]}"
@@ -94,21 +97,27 @@ def write_markdown(out_dir: Path, runs: list[dict[str, Any]], env: dict[str, Any
              f"- Machine: {env['cpu_model']}, {env['cpus_usable']} CPUs, {env['mem_total_gib']} GiB; "
              f"load average at start {env['load_avg_1_5_15']}",
              "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
-             f"- Command: `python benchmarks/run_all.py{' --smoke' if smoke else ''}`", ""]
-    for run in runs:
-        name = run["name"]
-        lines += [f"## {TITLES[name]}", ""]
+             f"- Command: `python {' '.join(['benchmarks/run_all.py', *argv])}`", ""]
+    ran = {run["name"]: run for run in runs}
+    for name in BENCHMARKS:
         path = out_dir / f"{name}.json"
-        if run["exit_code"] != 0 or not path.is_file():
+        run = ran.get(name)
+        if run is None and (smoke or not path.is_file()):
+            continue
+        lines += [f"## {TITLES[name]}", ""]
+        if run is not None and (run["exit_code"] != 0 or not path.is_file()):
             lines += [f"**Failed to run** (exit {run['exit_code']}); see the console output.", ""]
             continue
         doc = json.loads(path.read_text())
+        if run is None:
+            lines += [f"_Not rerun: measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(doc['started_unix']))}"
+                      f" at git {doc['env']['git'].get('commit', '?')[:12]} (`{path.name}`)._", ""]
         lines += [format_table(doc["summary"], with_name=False), ""]
         lines += [f"_{note}_" for note in doc.get("notes", [])]
         if name == "scaling_model":
             lines += [""] + [md + "\n" for md in doc["results"]["markdown"].values()]
-        lines += [f"`{path.name}`: {fmt(run['seconds'])} s, load average at end "
-                  f"{doc['env'].get('load_avg_1_5_15_at_end')}", ""]
+        seconds = fmt(run["seconds"]) if run is not None else fmt(doc["elapsed_s"])
+        lines += [f"`{path.name}`: {seconds} s, load average at end {doc['env'].get('load_avg_1_5_15_at_end')}", ""]
     out = out_dir / "latest.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_one(name, args) for name in measured]
     if "scaling_model" in names:  # reads bench_horovod.json: after the measurements
         runs.append(run_one("scaling_model", args))
-    md = write_markdown(args.out_dir, runs, env, args.smoke)
+    md = write_markdown(args.out_dir, runs, env, args.smoke, sys.argv[1:] if argv is None else argv)
     print(f"\n{md.read_text()}")
     failed = [r["name"] for r in runs if r["exit_code"] != 0]
     print(f"run_all: {len(runs) - len(failed)}/{len(runs)} benchmarks ran in {time.perf_counter() - start:.0f}s; "

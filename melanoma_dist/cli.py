@@ -147,7 +147,8 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "train": (cmd_train, "train and score one fold (ingests and makes folds first if needed)"),
     "cv": (cmd_cv, "cross-validate: every fold a Horovod group, scheduled on a Ray cluster"),
     "tune": (cmd_tune, "search hyperparameters with Ray Tune: every trial a cross-validation, an honest estimate"),
-    "launch": (lambda cfg, args: cmd_launch(cfg, args, cv=cmd_cv), "run `cv` here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
+    "launch": (lambda cfg, args: cmd_launch(cfg, args, {"cv": cmd_cv, "tune": cmd_tune}),
+               "run `cv` (or `tune`) here (local), on a Ray cluster (ray: Jobs API) or on Kubernetes (k8s: KubeRay)"),
 }
 
 

@@ -445,7 +445,9 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         choices = typing.get_args(tp)
         # By type too: 1 == True, so `in` alone would take 1 for a boolean choice.
         if not any(value == c and type(value) is type(c) for c in choices):
-            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+            # Booleans kept only for older configs (train.mixed_precision) are not advertised.
+            shown = [c for c in choices if not isinstance(c, bool)] or list(choices)
+            raise ConfigError(f"{where} must be one of {shown}, got {value!r}")
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)

@@ -262,6 +262,23 @@ def test_launch_k8s_renders_a_given_config(tmp_path, capsys):
 
 
 @needs_kubectl
+def test_launch_k8s_runs_a_search_with_tune(capsys):
+    code, objs, err = _dry_run(capsys, "--overlay", "cpu-dev", "--tune", "--nested", "--parallel-folds", "6",
+                               "--set", "folds.k=3", "--set", "tune.space.train.learning_rate=loguniform(1e-4, 1e-2)")
+    assert code == 0, err
+    validate_objects(objs)
+    job = next(o for o in objs if o["kind"] == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    args = build_parser().parse_args(argv[1:])
+    assert (argv[0], args.command, str(args.config), args.nested) == ("melanoma-dist", "tune", "/config/config.yaml",
+                                                                      True)
+    # Trials share the Pods: six Pods for two 3-fold trials at once, not capped at folds.k as for `cv`.
+    assert k8s.cluster_spec(job)["workerGroupSpecs"][0]["replicas"] == 6
+    cfg = config_from_dict(yaml.safe_load(k8s.config_map(objs)["data"][k8s.CONFIG_KEY]))
+    assert "train.learning_rate" in cfg.tune.space
+
+
+@needs_kubectl
 def test_launch_k8s_uses_existing_claims(capsys):
     code, objs, err = _dry_run(capsys, "--overlay", "cpu-dev", "--data-claim", "ham-data",
                                "--results-claim", "team-results")
@@ -282,6 +299,9 @@ INVALID_CASES = [
     (["--overlay", "gpu-interactive", "--folds", "0"], ["--folds", "RayJob"]),
     (["--no-follow"], ["--no-follow is an option of the ray target"]),
     (["--kubectl", "no-such-kubectl"], ["'no-such-kubectl' not found"]),
+    (["--overlay", "gpu-interactive", "--tune"], ["--tune", "RayJob"]),
+    (["--nested"], ["--nested", "add --tune"]),
+    (["--tune", "--folds", "0"], ["--folds", "--tune"]),
 ]
 
 

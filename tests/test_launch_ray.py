@@ -29,6 +29,7 @@ import yaml
 from melanoma_dist.cli import build_parser
 from melanoma_dist.config import load_config
 from melanoma_dist.submit import jobs
+from melanoma_dist.submit.command import command_argv
 from tests.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +38,21 @@ BIN = Path(sys.executable).parent
 
 # ------------------------------------------------------------------ the job, without a cluster
 
+def _launch_args(*argv: str):
+    return build_parser().parse_args(["launch", "ray", *argv])
+
+
 def test_entrypoint_is_a_command_our_cli_accepts():
-    entrypoint = jobs.build_entrypoint("python", "0,1")
+    entrypoint = jobs.build_entrypoint("python", command_argv(_launch_args("--folds", "0,1")))
     args = build_parser().parse_args(jobs.cli_argv(entrypoint))
     assert (args.command, str(args.config), args.folds) == ("cv", jobs.JOB_CONFIG, "0,1")
+    entrypoint = jobs.build_entrypoint("python", command_argv(_launch_args("--tune", "--nested")))
+    args = build_parser().parse_args(jobs.cli_argv(entrypoint))
+    assert (args.command, str(args.config), args.nested, args.resume) == ("tune", jobs.JOB_CONFIG, True, False)
+    assert jobs.with_command("melanoma-dist cv --config /config/config.yaml", ["tune", "--nested"]) == \
+        "melanoma-dist tune --config /config/config.yaml --nested"
+    assert jobs.with_command("python -m melanoma_dist cv --config c.yaml", ["cv", "--folds", "2"]) == \
+        "python -m melanoma_dist cv --config c.yaml --folds 2"
     assert jobs.cli_argv("melanoma-dist cv --config /config/config.yaml") == ["cv", "--config",
                                                                              "/config/config.yaml"]
     with pytest.raises(ValueError, match="not a melanoma-dist command"):
@@ -162,7 +174,8 @@ def ray_cluster():
         subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-def _tiny_cv_config(tmp_path: Path) -> Path:
+def _tiny_cv_config(tmp_path: Path, **sections: dict) -> Path:
+    """A tiny `cv` config file; each keyword adds a section (`tune={...}`)."""
     data = make_dataset(tmp_path, image_size=16, k=2)
     raw = {"data": json.loads(json.dumps(dataclasses.asdict(data))),
            "folds": {"k": 2, "seed": 42},
@@ -170,7 +183,7 @@ def _tiny_cv_config(tmp_path: Path) -> Path:
            "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8},
            "train": {"epochs": 1, "warmup_epochs": 0},
            "distributed": {"workers_per_fold": 1, "cpus_per_worker": 1, "max_retries": 0},
-           "output_dir": str(tmp_path / "cv")}
+           "output_dir": str(tmp_path / "cv"), **sections}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -194,6 +207,26 @@ def test_cv_through_the_jobs_api(ray_cluster, tmp_path):
     nodes = {json.loads((tmp_path / "cv" / f"fold-{f}" / "metrics.json").read_text())["node_id"] for f in (0, 1)}
     assert nodes and all(nodes)
     print(f"\nJobs API cross-validation: {took:.0f}s (submit to SUCCEEDED), folds ran on {len(nodes)} node(s)")
+
+
+@pytest.mark.integration
+def test_search_through_the_jobs_api(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    config = _tiny_cv_config(tmp_path, tune={"space": {"train.learning_rate": "grid([0.01])"},
+                                             "search_algorithm": "grid", "num_samples": 1, "scheduler": "none",
+                                             "estimate": "holdout", "outer_k": 3})
+    proc = subprocess.run([sys.executable, "-m", "melanoma_dist", "launch", "ray", "--address", address,
+                           "--config", str(config), "--tune"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "succeeded" in out and "tune/" in out
+    run = tmp_path / "cv"
+    best = load_config(run / "tune" / "best.yaml")
+    assert best.train.learning_rate == pytest.approx(0.01)
+    assert (run / "tune" / "trials.csv").is_file()
+    # The held-out outer fold scored the chosen config: a `cv` result in output_dir itself.
+    assert json.loads((run / "cv_summary.json").read_text())["folds_finished"]
 
 
 @pytest.mark.integration

@@ -56,8 +56,7 @@ def tune_evidence(result_dir: Path) -> dict | None:
         return None
     summary = json.loads((tune_dir / SUMMARY_JSON).read_text())
     trials = read_trials(tune_dir)
-    params = [k for k in (trials[0] if trials else {}) if "." in k]
-    return {"summary": summary, "trials": trials, "params": params}
+    return {"summary": summary, "trials": trials, "params": list(summary["chosen"]["params"])}
 
 
 def draw_figures(result: CVResult, ev: dict, fig_dir: Path) -> dict[str, Path]:

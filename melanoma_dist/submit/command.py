@@ -1,16 +1,22 @@
-"""Options of `melanoma-dist launch` and the dispatch to its three targets."""
+"""Options of `melanoma-dist launch` and the dispatch to its three targets.
+
+A launch runs `melanoma-dist cv`, or with `--tune` the hyperparameter search
+`melanoma-dist tune` (`--nested` for nested CV), on the chosen target.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 from melanoma_dist.config import Config
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("local", "ray", "k8s")
+Command = Callable[[Config, argparse.Namespace], int]
+"""A CLI command (`cli.cmd_cv`, `cli.cmd_tune`): the config and its parsed options in, the exit code out."""
 
 # Which target each target-specific option belongs to (checked in cmd_launch).
 _OPTION_TARGETS: dict[str, tuple[str, ...]] = {
@@ -29,7 +35,11 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", choices=TARGETS,
                    help="local: embedded Ray here; ray: an existing Ray cluster (Jobs API); "
                         "k8s: KubeRay manifests applied with kubectl")
-    p.add_argument("--folds", help="comma-separated folds to run (default: all)")
+    p.add_argument("--folds", help="comma-separated folds to run (default: all; not with --tune)")
+    p.add_argument("--tune", action="store_true",
+                   help="run the hyperparameter search (`melanoma-dist tune`, the config's `tune:` section) "
+                        "instead of `cv`")
+    p.add_argument("--nested", action="store_true", help="with --tune: nested CV (a search in every outer fold)")
     p.add_argument("--smoke-test", action="store_true",
                    help="local: a tiny generated dataset and model, 2 folds, 1 epoch (about a minute)")
 
@@ -76,24 +86,43 @@ def _check_options(args: argparse.Namespace, parser_defaults: dict) -> None:
                              f"{args.target}; see `melanoma-dist launch --help`")
 
 
-def cmd_launch(cfg: Config, args: argparse.Namespace, cv: Callable[[Config, argparse.Namespace], int]) -> int:
-    """Run `melanoma-dist cv` on the chosen target; return the process exit code.
+def _check_command(args: argparse.Namespace) -> None:
+    if args.nested and not args.tune:
+        raise ValueError("--nested is an option of the search: add --tune")
+    if args.tune and args.folds:
+        raise ValueError("--folds selects folds of `cv`; a search (--tune) runs every fold of every trial")
+    if args.tune and args.smoke_test:
+        raise ValueError("--smoke-test runs a tiny `cv`; drop --tune (tests/test_tune.py has tiny searches)")
 
-    `cv` is the `cv` command itself (`cli.cmd_cv`), run in this process by the `local` target:
-    passed in, so that this package does not import the CLI that imports it.
+
+def command_argv(args: argparse.Namespace) -> list[str]:
+    """The job's `melanoma-dist` command and its options, without `--config`: `["cv", "--folds", "0,1"]`,
+    `["tune", "--nested"]`."""
+    if args.tune:
+        return ["tune"] + (["--nested"] if args.nested else [])
+    return ["cv"] + (["--folds", args.folds] if args.folds else [])
+
+
+def cmd_launch(cfg: Config, args: argparse.Namespace, commands: Mapping[str, Command]) -> int:
+    """Run `melanoma-dist cv` (or `tune`, with `--tune`) on the chosen target; return the process exit code.
+
+    `commands` maps `cv` and `tune` to the CLI's commands (`cli.cmd_cv`, `cli.cmd_tune`), run in
+    this process by the `local` target: passed in, so that this package does not import the CLI
+    that imports it.
     """
     defaults = {dest: None for dest in _OPTION_TARGETS} | {
         "smoke_test": False, "no_follow": False, "no_wait": False, "dry_run": False, "excludes": [], "env": [],
         "pip": [], "python": "python", "overlay": "cpu-dev", "kubectl": "kubectl"}
     _check_options(args, defaults)
+    _check_command(args)
     if args.target == "local":
         from melanoma_dist.submit.local import run_local
 
-        return run_local(cfg, args, cv)
+        return run_local(cfg, args, commands[command_argv(args)[0]])
     if args.target == "ray":
-        from melanoma_dist.submit.jobs import submit_cv
+        from melanoma_dist.submit.jobs import submit_job
 
-        return submit_cv(cfg, args)
+        return submit_job(cfg, args)
     from melanoma_dist.submit.k8s import launch_k8s
 
     return launch_k8s(args)

@@ -1,11 +1,12 @@
-"""The `ray` target: submit `melanoma-dist cv` to an existing Ray cluster through the Ray Jobs API.
+"""The `ray` target: submit `melanoma-dist cv` (or `tune`) to an existing Ray cluster through the Ray Jobs API.
 
     melanoma-dist launch ray --address http://127.0.0.1:8265 --config my-config.yaml [--folds 0,1]
+    melanoma-dist launch ray --address http://127.0.0.1:8265 --config configs/tune-cpu.yaml --tune
 
 What is sent: a snapshot of the working directory (default: this repository, without
 .venv, runs, .git and caches) with the resolved config written into it as
 `melanoma-dist-job.yaml`, and the entrypoint `python -m melanoma_dist cv --config
-melanoma-dist-job.yaml`. The cluster must already have the pinned stack (our image,
+melanoma-dist-job.yaml` (`tune` with `--tune`). The cluster must already have the pinned stack (our image,
 or launch/setup.sh on every node): Horovod is compiled against TensorFlow, so it
 cannot come from a runtime-env pip install. The job's data and output paths must be
 absolute paths on storage every node shares; that is where the results are.
@@ -69,12 +70,21 @@ def cli_argv(entrypoint: str) -> list[str]:
     raise ValueError(f"entrypoint {entrypoint!r} is not a melanoma-dist command")
 
 
-def build_entrypoint(python: str, folds: str | None) -> str:
-    """The job's command line: `cv` on the shipped config."""
-    argv = [python, "-m", "melanoma_dist", "cv", "--config", JOB_CONFIG]
-    if folds:
-        argv += ["--folds", folds]
-    return shlex.join(argv)
+def build_entrypoint(python: str, command: Sequence[str]) -> str:
+    """The job's command line: `command` (`["cv", "--folds", "0"]`, see `command.command_argv`) on the shipped config."""
+    return shlex.join([python, "-m", "melanoma_dist", command[0], "--config", JOB_CONFIG, *command[1:]])
+
+
+def with_command(entrypoint: str, command: Sequence[str]) -> str:
+    """`entrypoint` (a melanoma-dist command line) running `command` instead, its other options kept.
+
+    `with_command("melanoma-dist cv --config /config/config.yaml", ["tune", "--nested"])` is
+    `"melanoma-dist tune --config /config/config.yaml --nested"`.
+    """
+    tokens = shlex.split(entrypoint)
+    argv = cli_argv(entrypoint)
+    program = tokens[:len(tokens) - len(argv)]
+    return shlex.join([*program, command[0], *argv[1:], *command[1:]])
 
 
 def stage_working_dir(source: Path, cfg: Config, dest: Path, excludes: Sequence[str]) -> Path:
@@ -119,9 +129,11 @@ def wait_for_end(client, job_id: str, poll_s: float = 1.0):
         time.sleep(poll_s)
 
 
-def submit_cv(cfg: Config, args: argparse.Namespace) -> int:
-    """Submit the cross-validation as a Ray job; follow it unless told not to; 0 when it succeeds."""
+def submit_job(cfg: Config, args: argparse.Namespace) -> int:
+    """Submit the cross-validation (or the search) as a Ray job; follow it unless told not to; 0 when it succeeds."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from melanoma_dist.submit.command import command_argv
 
     check_cluster_paths(cfg)
     if cfg.distributed.address:
@@ -136,7 +148,7 @@ def submit_cv(cfg: Config, args: argparse.Namespace) -> int:
         raise ValueError(f"melanoma_dist is not running from a checkout ({source}): pass --working-dir with the "
                          f"melanoma-dist sources to ship")
     excludes = list(DEFAULT_EXCLUDES) + list(args.excludes)
-    entrypoint = build_entrypoint(args.python, args.folds)
+    entrypoint = build_entrypoint(args.python, command_argv(args))
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
@@ -163,7 +175,8 @@ def submit_cv(cfg: Config, args: argparse.Namespace) -> int:
         return 130
     info = client.get_job_info(job_id)
     if status == JobStatus.SUCCEEDED:
-        print(f"job {job_id} succeeded; results in {cfg.output_dir} ({RESULT_FILES})")
+        files = "tune/ (trials.md, best.yaml) and the estimate's " + RESULT_FILES if args.tune else RESULT_FILES
+        print(f"job {job_id} succeeded; results in {cfg.output_dir} ({files})")
         return 0
     print(f"job {job_id} {status.value}: {info.message or 'no message'}; logs: "
           f"ray job logs --address {address} {job_id}", file=sys.stderr)

@@ -3,6 +3,7 @@
     melanoma-dist launch k8s --overlay gpu --dry-run                  # print what would be applied
     melanoma-dist launch k8s --overlay gpu --config my.yaml --image REGISTRY/melanoma-dist:TAG
     melanoma-dist launch k8s --overlay cpu-dev --set train.epochs=1 --namespace ml
+    melanoma-dist launch k8s --overlay cpu-dev --config configs/tune-cpu.yaml --set output_dir=/results/tune --tune
 
 The manifests have one source, the files under k8s/: `kubectl kustomize
 k8s/overlays/<overlay>` renders them. This module then only edits the rendered
@@ -11,7 +12,9 @@ objects, in ways the config decides:
 - the ConfigMap `melanoma-config` gets the given config (`--config`, `--set`), after
   it validated and its paths were checked to lie on the mounted volumes;
 - each worker Pod holds one fold: CPUs = workers_per_fold x cpus_per_worker, GPUs =
-  workers_per_fold x gpus_per_worker; replicas = folds trained at once;
+  workers_per_fold x gpus_per_worker; replicas = folds trained at once (a search's trials
+  share the Pods: its folds are capped by the Pods, not by folds.k);
+- the RayJob's entrypoint runs `cv` (with `--folds`) or, with `--tune`, `tune`;
 - image, namespace, RayJob name and existing claims when asked.
 
 Without --config/--set/--image/... the output is exactly `kubectl kustomize`'s.
@@ -33,7 +36,8 @@ from typing import Iterator
 import yaml
 
 from melanoma_dist.config import Config, config_from_dict, load_config
-from melanoma_dist.submit.jobs import repo_root
+from melanoma_dist.submit.command import command_argv
+from melanoma_dist.submit.jobs import repo_root, with_command
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +173,12 @@ def _worker_container(template: dict) -> dict:
 
 
 def shape_workers(obj: dict, cfg: Config, parallel_folds: int | None, worker_memory: str | None,
-                  folds_wanted: int) -> None:
-    """Size every worker group of `obj` for the config: one fold per Pod."""
+                  folds_wanted: int | None) -> None:
+    """Size every worker group of `obj` for the config: one fold per Pod.
+
+    `folds_wanted` caps the Pods of a RayJob (no more Pods than folds to train); None for a
+    search, whose trials train folds side by side.
+    """
     d = cfg.distributed
     cpus, gpus = d.workers_per_fold * d.cpus_per_worker, d.workers_per_fold * d.gpus_per_worker
     for group in cluster_spec(obj).get("workerGroupSpecs", []):
@@ -185,7 +193,8 @@ def shape_workers(obj: dict, cfg: Config, parallel_folds: int | None, worker_mem
         else:
             limits.pop(GPU, None)
         if obj["kind"] == "RayJob":  # a fixed-size cluster: as many Pods as folds run at once
-            n = min(parallel_folds or group["maxReplicas"], folds_wanted)
+            n = parallel_folds or group["maxReplicas"]
+            n = min(n, folds_wanted) if folds_wanted else n
             group["replicas"] = group["minReplicas"] = group["maxReplicas"] = n
         elif parallel_folds:  # autoscaling: only the ceiling moves
             group["maxReplicas"] = parallel_folds
@@ -212,18 +221,18 @@ def customize(objs: list[dict], args: argparse.Namespace) -> tuple[list[dict], C
         config_map(objs)["data"][CONFIG_KEY] = text
     folds = [int(f) for f in args.folds.split(",")] if args.folds else list(range(cfg.folds.k))
     jobs = [o for o in ray_objects(objs) if o["kind"] == "RayJob"]
-    if (args.folds or args.job_name) and not jobs:
-        raise ValueError("--folds and --job-name apply to a RayJob; this overlay renders none (submit jobs to its "
+    if (args.folds or args.job_name or args.tune) and not jobs:
+        raise ValueError("--folds, --tune and --job-name apply to a RayJob; this overlay renders none (submit jobs to its "
                          "cluster with `melanoma-dist launch ray`)")
     for obj in ray_objects(objs):
-        shape_workers(obj, cfg, args.parallel_folds, args.worker_memory, len(folds))
+        shape_workers(obj, cfg, args.parallel_folds, args.worker_memory, None if args.tune else len(folds))
         if args.image:
             for _, template in pod_templates(obj):
                 for c in template["spec"]["containers"]:
                     c["image"] = args.image
     for job in jobs:
-        if args.folds:
-            job["spec"]["entrypoint"] += f" --folds {args.folds}"
+        if args.folds or args.tune:
+            job["spec"]["entrypoint"] = with_command(job["spec"]["entrypoint"], command_argv(args))
         if args.job_name:
             job["metadata"]["name"] = args.job_name
     if args.data_claim:

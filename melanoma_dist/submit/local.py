@@ -1,4 +1,4 @@
-"""The `local` target: `melanoma-dist cv` in this process, on an embedded Ray started for it."""
+"""The `local` target: `melanoma-dist cv` (or `tune`) in this process, on an embedded Ray started for it."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
-
 from melanoma_dist.config import Config
+from melanoma_dist.submit.command import Command
 
 logger = logging.getLogger(__name__)
 
 
-def run_local(cfg: Config, args: argparse.Namespace, cv: Callable[[Config, argparse.Namespace], int]) -> int:
-    """Run the cross-validation of `cfg` (or the smoke test) on a Ray started on this machine.
+def run_local(cfg: Config, args: argparse.Namespace, command: Command) -> int:
+    """Run the cross-validation of `cfg` (or the smoke test, or the search) on a Ray started on this machine.
 
-    `cv` is the `cv` command (`cli.cmd_cv`), given by the caller.
+    `command` is the CLI command to run (`cli.cmd_cv` or `cli.cmd_tune`), given by the caller.
     """
     if args.smoke_test:
         from melanoma_dist.submit.smoke import CLASS_SIZES, smoke_config
@@ -34,4 +33,4 @@ def run_local(cfg: Config, args: argparse.Namespace, cv: Callable[[Config, argpa
     if cfg.distributed.address:
         logger.info("ignoring distributed.address=%s: the local target starts its own Ray", cfg.distributed.address)
         cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, address=""))
-    return cv(cfg, argparse.Namespace(folds=args.folds, address=None))
+    return command(cfg, argparse.Namespace(folds=args.folds, address=None, nested=args.nested, resume=False))
