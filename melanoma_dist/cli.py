@@ -1,6 +1,7 @@
 """`melanoma-dist`: the command line.
 
     melanoma-dist ingest --config configs/quick-cpu.yaml           # images -> Parquet shards + folds
+    melanoma-dist ingest --config ... --address HEAD_IP:6379      # the same, images prepared across a Ray cluster
     melanoma-dist folds  --config configs/quick-cpu.yaml --set folds.k=10
     melanoma-dist train  --config configs/quick-cpu.yaml --fold 0  # one fold (ingests first if needed)
     melanoma-dist cv     --config configs/quick-cpu.yaml           # all folds, Horovod groups placed by Ray
@@ -57,7 +58,7 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> int:
     from melanoma_dist.data.ingest import ingest
 
     ensure_writable_dir(cfg.data.dataset_dir, "data.dataset_dir", replaced=True)
-    manifest = ingest(cfg.data)
+    manifest = ingest(cfg.data, address=args.address or cfg.distributed.address)
     print(f"ingested {manifest['num_images']} images into {manifest['num_shards']} shard(s) in "
           f"{cfg.data.dataset_dir}; skipped {manifest['num_skipped']} (reasons in manifest.json)")
     summary = make_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed)
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
         if name == "train":
             p.add_argument("--fold", type=int, required=True, help="fold to validate on (trains on the others)")
+        if name == "ingest":
+            p.add_argument("--address", help="Ray cluster address: prepare the images there with Ray Data "
+                           "(default: RAY_ADDRESS, else on this machine; see data.ingest_engine)")
         if name == "cv":
             p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
             p.add_argument("--folds", help="comma-separated folds to run (default: all)")

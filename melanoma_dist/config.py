@@ -119,15 +119,25 @@ class DataConfig:
     """Colour normalisation applied to every image at ingest and, from the exported model's
     settings, at inference: `shades_of_gray` (p=6) removes camera and lighting colour casts."""
     rows_per_shard: int = 2048
-    """Images per Parquet shard."""
+    """Images per Parquet shard at most."""
+    shard_bytes: int = 64 * 2**20
+    """Encoded image bytes per Parquet shard at most (64 MiB): with large images a shard holds
+    fewer than rows_per_shard rows. Training reads a worker's rows of one shard at a time,
+    so this bounds its memory whatever the image size."""
     ingest_workers: int = 0
-    """Processes decoding images during ingest; 0 uses every CPU."""
+    """Processes decoding images during ingest with the local engine; 0 uses every CPU."""
+    ingest_engine: Literal["auto", "local", "ray"] = "auto"
+    """Where ingest decodes, hashes, resizes and encodes the images: `local` (a process pool on
+    this machine), `ray` (Ray Data tasks across the nodes of a Ray cluster), or `auto` (`ray`
+    when the command is given a cluster address: `--address`, `distributed.address` or
+    RAY_ADDRESS; `local` otherwise). Both write the same dataset, byte for byte."""
 
     def __post_init__(self) -> None:
         _check_path(self.dataset_dir, "data.dataset_dir", "the folder of the ingested dataset (e.g. runs/dataset)")
         _check(16 <= self.image_size <= 1024, f"data.image_size must be in [16, 1024], got {self.image_size}")
         _check(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         _check(self.rows_per_shard >= 1, f"data.rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        _check(self.shard_bytes >= 1, f"data.shard_bytes must be >= 1, got {self.shard_bytes}")
         _check(self.ingest_workers >= 0, f"data.ingest_workers must be >= 0, got {self.ingest_workers}")
 
 

@@ -53,6 +53,8 @@ INVALID_CASES = [
     (["train.lr_schedule=step"], "train.lr_schedule must be one of ['plateau', 'cosine']"),
     (["train.min_lr_ratio=2"], "train.min_lr_ratio must be in [0, 1]"),
     (["data.color_constancy=retinex"], "data.color_constancy must be one of ['none', 'shades_of_gray']"),
+    (["data.ingest_engine=spark"], "data.ingest_engine must be one of ['auto', 'local', 'ray']"),
+    (["data.shard_bytes=0"], "data.shard_bytes must be >= 1, got 0"),
 ]
 
 

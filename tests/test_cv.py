@@ -69,13 +69,13 @@ def test_two_folds_on_two_nodes_aggregated(cluster, data, tmp_path):
     assert ms["mean"] == pytest.approx(np.mean(values)) and ms["std"] == pytest.approx(np.std(values, ddof=1))
 
     # Out-of-fold predictions cover every image exactly once, each in its own fold.
-    index = RowIndex.load(data.dataset_dir)
-    folds = dict(zip(index.image_ids, load_folds(data.dataset_dir, 2, 42)))
+    image_ids = RowIndex.load(data.dataset_dir).image_ids.to_pylist()
+    folds = dict(zip(image_ids, load_folds(data.dataset_dir, 2, 42)))
     with (out / "oof_predictions.csv").open() as f:
         oof = list(csv.DictReader(f))
-    assert sorted(r["image_id"] for r in oof) == sorted(index.image_ids)
+    assert sorted(r["image_id"] for r in oof) == sorted(image_ids)
     assert all(int(r["fold"]) == folds[r["image_id"]] for r in oof)
-    assert summary["pooled_oof"]["num_samples"] == len(index) == 48
+    assert summary["pooled_oof"]["num_samples"] == len(image_ids) == 48
     manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["versions"]["horovod"] == "0.28.1" and len(manifest["data_manifest_sha256"]) == 64
 

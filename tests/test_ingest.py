@@ -77,6 +77,18 @@ def _write_image(path, im: Image.Image, fmt: str):
     im.save(path, format=fmt)
 
 
+def test_large_images_give_shards_of_fewer_rows(ham_subset, tmp_path):
+    # Shards are sized by bytes too: at 128 px, 40 KB of images is a few rows per shard.
+    cfg = _data(tmp_path, _ham(ham_subset), image_size=128, shard_bytes=40_000)
+    manifest = ingest(cfg, progress=False)
+    sizes = [[len(b) for b in read_images(p)] for p in shard_paths(cfg.dataset_dir)]
+    assert manifest["shard_bytes"] == 40_000 and manifest["num_shards"] == len(sizes) > 42 // 16 + 1
+    assert sum(map(len, sizes)) == read_columns(cfg.dataset_dir, ["image_id"]).num_rows == 42
+    assert all(len(s) <= 16 and (sum(s) <= 40_000 or len(s) == 1) for s in sizes)
+    # Each shard is as full as the budget allows: the next shard's first image did not fit.
+    assert all(sum(a) + b[0] > 40_000 or len(a) == 16 for a, b in zip(sizes, sizes[1:]))
+
+
 def test_bad_inputs_are_skipped_or_converted(tmp_path, real_jpeg):
     root = tmp_path / "folder"
     (root / "melanoma").mkdir(parents=True)

@@ -77,9 +77,9 @@ def test_lost_node_fold_resumes_on_the_survivor(cluster, tmp_path):
     assert m["resumed_from_epoch"] >= 1  # ...from its checkpoint, not from scratch
     assert summary["folds_finished"] == [0, 1] and summary["folds_missing"] == []
 
-    index = RowIndex.load(data.dataset_dir)
-    folds = dict(zip(index.image_ids, load_folds(data.dataset_dir, 2, 42)))
+    image_ids = RowIndex.load(data.dataset_dir).image_ids.to_pylist()
+    folds = dict(zip(image_ids, load_folds(data.dataset_dir, 2, 42)))
     with (out / "oof_predictions.csv").open() as f:
         oof = list(csv.DictReader(f))
-    assert sorted(r["image_id"] for r in oof) == sorted(index.image_ids)  # every image exactly once
+    assert sorted(r["image_id"] for r in oof) == sorted(image_ids)  # every image exactly once
     assert all(int(r["fold"]) == folds[r["image_id"]] for r in oof)

@@ -1,10 +1,12 @@
 """The tf.data pipeline: per-worker shards, augmentation in training only."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from melanoma_dist.config import AugmentConfig, PipelineConfig
 from melanoma_dist.data.folds import load_folds
+from melanoma_dist.data.shards import SCHEMA, SCHEMA_VERSION, write_manifest, write_shards
 from melanoma_dist.data.pipeline import (RowIndex, make_dataset, split_rows, steps_per_epoch,
                                          worker_rows)
 from tests.synthetic import make_dataset as make_synthetic
@@ -17,6 +19,25 @@ PLAIN = PipelineConfig(batch_size=4, augment=NO_AUGMENT)
 def dataset(tmp_path_factory):
     cfg = make_synthetic(tmp_path_factory.mktemp("pipeline"))
     return cfg, RowIndex.load(cfg.dataset_dir)
+
+
+def test_row_index_holds_no_python_object_per_row(tmp_path):
+    # A large index (issue 14: 1M rows) must be a few Arrow/NumPy buffers, not one str object per row.
+    n = 200_000
+    ids = pa.array([f"img{i:07d}" for i in range(n)])
+    labels = np.arange(n) % 2
+    table = pa.table({"image_id": ids, "source": ["s"] * n, "image": [b"x"] * n, "label": labels,
+                      "label_name": np.array(["a", "b"])[labels], "group": [f"g{i // 2:07d}" for i in range(n)],
+                      "pixel_sha256": ["0"] * n, "phash": ["0"] * n, "path": ["p"] * n}, schema=SCHEMA)
+    write_manifest(tmp_path, {"schema_version": SCHEMA_VERSION, "shards": write_shards(table, tmp_path, 60_000)})
+    index = RowIndex.load(tmp_path)
+    assert len(index) == n and index.shard_offsets.tolist() == [0, 60_000, 120_000, 180_000, n]
+    fields = [index.shard_offsets, index.image_ids, index.labels, index.groups]
+    assert not any(isinstance(f, np.ndarray) and f.dtype == object for f in fields)
+    # 10-char ids and 8-char groups: 14 + 12 bytes of strings and offsets, 4 of label, per row.
+    assert sum(f.nbytes for f in fields) <= 32 * n
+    assert index.image_ids.take([0, n - 1]).to_pylist() == ["img0000000", f"img{n - 1:07d}"]
+    assert index.groups[n - 1].as_py() == f"g{(n - 1) // 2:07d}"
 
 
 def _images(ds) -> np.ndarray:

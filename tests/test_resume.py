@@ -348,3 +348,14 @@ def test_rescale_learning_rate(restored: float, recorded: int, workers: int, exp
     optimizer = keras.optimizers.Adam(restored)
     ckpt.rescale_learning_rate(optimizer, recorded, workers)
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(expected)
+
+
+def test_resume_key_follows_the_training_settings_not_new_defaults() -> None:
+    base = config_from_dict({"train": {"epochs": 3, "learning_rate": 0.01}})
+    # More epochs, other workers or search settings resume the same checkpoint; another learning rate does not.
+    assert ckpt.resume_key(base) == ckpt.resume_key(config_from_dict(
+        {"train": {"epochs": 9, "learning_rate": 0.01}, "distributed": {"workers_per_fold": 4}}))
+    assert ckpt.resume_key(base) != ckpt.resume_key(config_from_dict({"train": {"epochs": 3, "learning_rate": 0.02}}))
+    # A setting a newer version adds at its default is not in the key: the old key still matches.
+    assert ckpt._non_default({"train": {"lr": 0.01, "added": "x"}, "new": {"k": 1}},
+                             {"train": {"lr": 0.002, "added": "x"}, "new": {"k": 1}}) == {"train": {"lr": 0.01}}

@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from melanoma_dist.data.shards import (
     COLUMNS, IMAGE, IMAGE_ID, LABEL, LIGHT_COLUMNS, MANIFEST, ROW_GROUP_ROWS, SCHEMA, SCHEMA_VERSION,
-    load_manifest, read_columns, read_images, shard_paths, write_manifest, write_shards)
+    load_manifest, locate, read_columns, read_images, row_offsets, shard_paths, write_manifest, write_shards)
 
 
 def _rows(n: int) -> list[dict]:
@@ -42,6 +43,40 @@ def test_write_shards_names_row_groups_and_determinism(tmp_path):
     assert names_b == names
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+
+
+SHARD_BYTES_CASES = [  # (image sizes, rows_per_shard, shard_bytes, rows of each shard)
+    ([10] * 7, 3, None, [3, 3, 1]),
+    ([10] * 7, 100, 25, [2, 2, 2, 1]),  # the third image would make 30 bytes
+    ([10] * 7, 100, 30, [3, 3, 1]),  # exactly at the budget still fits
+    ([10, 50, 10, 10, 10], 100, 25, [1, 1, 2, 1]),  # an image above the budget: a shard of its own
+    ([10] * 7, 2, 1000, [2, 2, 2, 1]),  # rows bind before bytes
+]
+
+
+@pytest.mark.parametrize("sizes,rows_per_shard,shard_bytes,expected", SHARD_BYTES_CASES)
+def test_shards_sized_by_bytes_and_rows(tmp_path, sizes, rows_per_shard, shard_bytes, expected):
+    rows = [{**r, "image": b"x" * size} for r, size in zip(_rows(len(sizes)), sizes)]
+    names = write_shards(iter(rows), tmp_path / "a", rows_per_shard, shard_bytes)
+    assert [pq.ParquetFile(tmp_path / "a" / n).metadata.num_rows for n in names] == expected
+    # From a Table: the same cuts, byte-identical files.
+    assert write_shards(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "b", rows_per_shard, shard_bytes) == names
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+    # Readers find every global row from the row counts, whatever the shard sizes.
+    write_manifest(tmp_path / "a", {"schema_version": SCHEMA_VERSION, "shards": names})
+    offsets = row_offsets(shard_paths(tmp_path / "a"))
+    assert offsets.tolist() == [0, *np.cumsum(expected).tolist()]
+    for shard, local in locate(offsets, np.arange(len(sizes))[::-1]):
+        images = read_images(tmp_path / "a" / names[shard], local.tolist())
+        assert images == [rows[r]["image"] for r in local + offsets[shard]]
+
+
+def test_locate_rejects_rows_outside_the_dataset():
+    offsets = np.array([0, 3, 5])
+    assert [(s, local.tolist()) for s, local in locate(offsets, [4, 0, 3, 1])] == [(0, [0, 1]), (1, [1, 0])]
+    with pytest.raises(IndexError, match="row 5 is outside the dataset"):
+        locate(offsets, [0, 5])
 
 
 def test_write_shards_refuses_non_empty_dir_and_bad_rows(tmp_path):

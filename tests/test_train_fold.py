@@ -59,8 +59,8 @@ def test_cli_train_one_fold_end_to_end(ham_config, capsys):
 
     # The whole validation fold is scored, each image once, with the 7 HAM classes.
     folds = load_folds(tmp / "dataset", 2, 0)
-    index = RowIndex.load(tmp / "dataset")
-    expected_ids = sorted(index.image_ids[folds == 1])
+    image_ids = np.asarray(RowIndex.load(tmp / "dataset").image_ids.to_pylist())
+    expected_ids = sorted(image_ids[folds == 1])
     with (out / "predictions.csv").open() as f:
         preds = list(csv.DictReader(f))
     assert sorted(r["image_id"] for r in preds) == expected_ids

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -162,14 +163,28 @@ def dataset_sha256(dataset_dir: str | Path) -> str:
     return hashlib.sha256((Path(dataset_dir) / shards.MANIFEST).read_bytes()).hexdigest()
 
 
-def split_sha256(image_ids: Sequence[str], fold_of_row: Sequence[int], fold: int) -> str:
-    """sha256 of which images validate `fold` and which train it, whatever the row order."""
-    ids, val = np.asarray(image_ids, dtype=object).astype(str), np.asarray(fold_of_row) == fold
+def split_sha256(image_ids: Sequence[str] | pa.Array | pa.ChunkedArray, fold_of_row: Sequence[int],
+                 fold: int) -> str:
+    """sha256 of which images validate `fold` and which train it, whatever the row order.
+
+    The ids are sorted and hashed as Arrow strings, a slice at a time, so that a million rows
+    never become a million Python strings at once (Arrow sorts UTF-8 bytes, which is the code
+    point order of Python's `sorted`: the hash is the same as from sorted Python strings).
+    """
+    ids = image_ids if isinstance(image_ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(image_ids), pa.string())
+    val = pa.array(np.asarray(fold_of_row) == fold)
     h = hashlib.sha256()
-    for part, rows in (("validation", ids[val]), ("training", ids[~val])):
+    for part, mask in (("validation", val), ("training", pc.invert(val))):
         h.update(f"[{part}]\n".encode())
-        h.update("".join(f"{i}\n" for i in sorted(rows)).encode())
+        rows = ids.filter(mask)
+        rows = rows.take(pc.sort_indices(rows))
+        for start in range(0, len(rows), _HASH_SLICE):
+            h.update("".join(f"{i}\n" for i in rows.slice(start, _HASH_SLICE).to_pylist()).encode())
     return h.hexdigest()
+
+
+_HASH_SLICE = 65536
+"""Ids turned into Python strings at a time by `split_sha256`."""
 
 
 def data_fingerprint(dataset_dir: str | Path, fold_of_row: Sequence[int], fold: int,

@@ -2,10 +2,12 @@
 
 Steps: read every source's labelled records (checking first that its labels can give
 the label scheme), map the labels to class indices (so that a bad label fails before
-any image is decoded), decode/hash/resize the images in a process pool, stream them
-into shards in a temporary directory, write `manifest.json` (with the counts, every
-skipped image and why, the unlabelled images, and the fingerprint of the inputs, see
-`data.fingerprint`), and finally move the new files into `data.dataset_dir`.
+any image is decoded), decode/hash/resize the images in a process pool (or, on a Ray
+cluster, in Ray Data tasks across the nodes: `data.ingest_ray`; the dataset is the same
+byte for byte), stream them into shards in a temporary directory, write `manifest.json`
+(with the counts, every skipped image and why, the unlabelled images, and the
+fingerprint of the inputs, see `data.fingerprint`), and finally move the new files into
+`data.dataset_dir`.
 
 An interrupted ingest leaves the previous dataset untouched; a killed one leaves its
 temporary directory (`.<dataset>.ingest-XXXXXXXX` beside the dataset), which the next
@@ -43,6 +45,7 @@ from typing import Any
 from melanoma_dist.config import DataConfig, SourceConfig
 from melanoma_dist.data.fingerprint import fingerprint
 from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_image
+from melanoma_dist.data.ingest_ray import ray_image_map, use_ray
 from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, own_files, write_manifest, write_shards
 from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceRecord, SourceScan, scan_source
 from melanoma_dist.labels import check_provides, class_names, to_class_index
@@ -64,12 +67,15 @@ class NotADatasetError(FileExistsError, ValueError):
     """
 
 
-def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
+def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[str, Any]:
     """Build the dataset described by `cfg` in `cfg.dataset_dir`, replacing any previous one.
 
     Args:
         cfg: the `data` section of the config.
         progress: log a progress line every 500 images. Defaults to `True`.
+        address: the Ray cluster address of the command (`--address`, `distributed.address`):
+            with `data.ingest_engine: auto`, an address (or RAY_ADDRESS) makes the images be
+            prepared on that cluster with Ray Data (see `data.ingest_ray.use_ray`). Defaults to `""`.
 
     Returns:
         The manifest (also written to `<dataset_dir>/manifest.json`).
@@ -91,10 +97,11 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     if not records:
         raise ValueError(_nothing_ingested(cfg, skipped))
     labels = [to_class_index(cfg.label_scheme, r.label_type, r.raw_label, r.where) for r in records]
+    on_ray = use_ray(cfg.ingest_engine, address)
     workers = min(cfg.ingest_workers or _available_cpus(), max(1, len(records)))
-    logger.info("ingest: %d images from %d sources, label scheme %s, %dx%d %s, %d workers",
+    logger.info("ingest: %d images from %d sources, label scheme %s, %dx%d %s, %s",
                 len(records), len(cfg.sources), cfg.label_scheme, cfg.image_size, cfg.image_size,
-                cfg.encoding, workers)
+                cfg.encoding, "on the Ray cluster" if on_ray else f"{workers} workers")
 
     tmp = _make_temp(dataset_dir)
     try:
@@ -104,9 +111,10 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
         paths = [r.path for r in records]
         start = time.perf_counter()
         kept: list[int] = []  # indices of records that decoded, in row order
-        with _image_map(prepare, paths, workers) as results:
+        mapping = ray_image_map(prepare, paths, address) if on_ray else _image_map(prepare, paths, workers)
+        with mapping as results:
             rows = _rows(records, labels, cfg.label_scheme, results, kept, skipped, progress, start)
-            shards = write_shards(rows, tmp, cfg.rows_per_shard)
+            shards = write_shards(rows, tmp, cfg.rows_per_shard, cfg.shard_bytes)
         elapsed = time.perf_counter() - start
         if not shards:
             raise ValueError(_nothing_ingested(cfg, skipped))
@@ -248,6 +256,7 @@ def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], records: Sequence[So
         "jpeg_quality": cfg.jpeg_quality,
         "color_constancy": cfg.color_constancy,
         "rows_per_shard": cfg.rows_per_shard,
+        "shard_bytes": cfg.shard_bytes,
         "num_shards": len(shards),
         "shards": list(shards),
         "columns": list(COLUMNS),

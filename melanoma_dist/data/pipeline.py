@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import tensorflow as tf
 
 from melanoma_dist.config import PipelineConfig
@@ -38,31 +39,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RowIndex:
-    """The light columns of a dataset, one entry per row in shard order."""
+    """The light columns of a dataset, one entry per row in shard order.
+
+    The ids and groups stay Arrow arrays (a few buffers), not one Python string per row:
+    every training worker loads the index, and at a million rows the strings alone would
+    take ~150 MB per worker. Take the rows you need: `index.image_ids.take(rows).to_pylist()`.
+    """
 
     shard_paths: tuple[Path, ...]
     shard_offsets: np.ndarray  # first global row of each shard, plus the total at the end
-    image_ids: np.ndarray
-    labels: np.ndarray
-    groups: np.ndarray
+    image_ids: pa.Array  # string
+    labels: np.ndarray  # int32
+    groups: pa.Array  # string
 
     @classmethod
     def load(cls, dataset_dir: str | Path) -> "RowIndex":
         paths = tuple(shards.shard_paths(dataset_dir))
-        counts = [shards.num_rows(p) for p in paths]
-        table = shards.read_columns(dataset_dir, ["image_id", "label", "group"])
-        return cls(paths, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                   np.asarray(table["image_id"].to_pylist(), dtype=object),
-                   table["label"].to_numpy().astype(np.int32),
-                   np.asarray(table["group"].to_pylist(), dtype=object))
+        table = shards.read_columns(dataset_dir, [shards.IMAGE_ID, shards.LABEL, shards.GROUP])
+        return cls(paths, shards.row_offsets(paths), table[shards.IMAGE_ID].combine_chunks(),
+                   table[shards.LABEL].to_numpy().astype(np.int32), table[shards.GROUP].combine_chunks())
 
     def __len__(self) -> int:
         return int(self.shard_offsets[-1])
 
     def by_shard(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Split global row ids into (shard number, local row ids), preserving order within a shard."""
-        shard_of = np.searchsorted(self.shard_offsets, rows, side="right") - 1
-        return [(int(s), rows[shard_of == s] - self.shard_offsets[s]) for s in np.unique(shard_of)]
+        return shards.locate(self.shard_offsets, rows)
 
 
 def split_rows(fold_of_row: np.ndarray, fold: int, training: bool) -> np.ndarray:

@@ -29,20 +29,26 @@ MODEL_SHAPING: tuple[str, ...] = ("image_size", "label_scheme")
 """Settings a dataset must share with a config that only points at it: they shape the model."""
 
 
-def ensure_dataset(cfg: Config) -> dict:
+def ensure_dataset(cfg: Config, address: str = "") -> dict:
     """Return the dataset manifest, ingesting first when the dataset is missing or does not match the config.
+
+    Args:
+        cfg: the config.
+        address: the command's Ray cluster address, where ingest may prepare the images (see
+            `data.ingest_ray.use_ray`). Defaults to `""` (`distributed.address`).
 
     Raises:
         ValueError: no dataset and nothing to ingest; the config has no sources and the
             dataset was made with another image size or label scheme; or the manifest is damaged.
     """
     data = cfg.data
+    address = address or cfg.distributed.address
     if not (Path(data.dataset_dir) / shards.MANIFEST).is_file():
         if not data.sources:
             raise ValueError(f"no dataset in {data.dataset_dir} and no data.sources to ingest: "
                              f"set data.sources in the config, or data.dataset_dir to an ingested dataset")
         logger.info("no dataset in %s yet: ingesting %d source(s) first", data.dataset_dir, len(data.sources))
-        return ingest(data)
+        return ingest(data, address=address)
     manifest = shards.load_manifest(data.dataset_dir)
     changes = dataset_changes(data, manifest)
     if changes and not data.sources:
@@ -52,7 +58,7 @@ def ensure_dataset(cfg: Config) -> dict:
     if changes:
         logger.warning("the dataset in %s does not match the config (%s): ingesting again",
                        data.dataset_dir, "; ".join(changes))
-        return ingest(data)
+        return ingest(data, address=address)
     return manifest
 
 
@@ -75,7 +81,10 @@ def dataset_changes(data: DataConfig, manifest: Mapping[str, Any]) -> list[str]:
     return fingerprint.differences(stored, fingerprint.current(data))
 
 
-def prepare(cfg: Config) -> tuple[dict, np.ndarray]:
-    """Ensure the dataset and the folds of `cfg.folds` exist; return the manifest and each row's fold."""
-    manifest = ensure_dataset(cfg)
+def prepare(cfg: Config, address: str = "") -> tuple[dict, np.ndarray]:
+    """Ensure the dataset and the folds of `cfg.folds` exist; return the manifest and each row's fold.
+
+    `address`: see `ensure_dataset`.
+    """
+    manifest = ensure_dataset(cfg, address)
     return manifest, ensure_folds(cfg.data.dataset_dir, cfg.folds.k, cfg.folds.seed)

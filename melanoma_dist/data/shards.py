@@ -3,8 +3,10 @@
 A dataset directory holds `shard-00000-of-000NN.parquet` files and `manifest.json`
 (written by ingest; it lists the shards in row order). Every shard has the columns of
 `SCHEMA`; rows are stored in row groups of at most `ROW_GROUP_ROWS` rows so that
-readers can fetch a few images without reading the whole shard. Global row `i` of
-the dataset is row `i % rows_per_shard` of shard `i // rows_per_shard`.
+readers can fetch a few images without reading the whole shard. A shard holds at most
+`rows_per_shard` rows and, unless one image alone is larger, `shard_bytes` bytes of
+images, so shards of large images hold fewer rows: global row `i` of the dataset is found
+from the shards' row counts (`row_offsets`, `locate`), never as `i // rows_per_shard`.
 
 Writing is deterministic: the same rows give byte-identical files (fixed compression,
 no timestamps).
@@ -27,7 +29,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
@@ -79,24 +83,31 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Path,
-                 rows_per_shard: int) -> list[str]:
-    """Write rows into Parquet shards of `rows_per_shard` rows, streaming.
+                 rows_per_shard: int, shard_bytes: int | None = None) -> list[str]:
+    """Write rows into Parquet shards of at most `rows_per_shard` rows and `shard_bytes` image bytes, streaming.
+
+    A shard ends before the row that would take it past either limit (a single larger image
+    gets a shard of its own), so the same rows always give the same shards.
 
     Args:
         rows: a `pyarrow.Table` with the `SCHEMA` columns, or an iterable of dicts
             keyed by column name (consumed lazily: at most one shard is held in memory).
         out_dir: directory to write to (created if needed; must hold no shards yet).
-        rows_per_shard: rows per shard; the last shard may be smaller.
+        rows_per_shard: rows per shard at most; the last shard may be smaller.
+        shard_bytes: encoded image bytes per shard at most (the files come out a little
+            larger: the other columns, the footer). Defaults to `None` (rows only).
 
     Returns:
         The shard file names, in row order (empty when there are no rows).
 
     Raises:
         FileExistsError: `out_dir` already holds shards.
-        ValueError: `rows_per_shard` < 1, or a row does not fit `SCHEMA`.
+        ValueError: `rows_per_shard` or `shard_bytes` < 1, or a row does not fit `SCHEMA`.
     """
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if shard_bytes is not None and shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be >= 1 (or None: no byte limit), got {shard_bytes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob("shard-*.parquet"))
@@ -105,7 +116,7 @@ def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Pa
     # The final names contain the shard count, unknown until the rows run out: write
     # numbered partial files, then rename them.
     partial = []
-    for i, table in enumerate(_batches(rows, rows_per_shard)):
+    for i, table in enumerate(_batches(rows, rows_per_shard, shard_bytes)):
         path = out / f"shard-{i:05d}{_PARTIAL_SUFFIX}"
         pq.write_table(table, path, **_WRITE_OPTIONS)
         partial.append(path)
@@ -116,20 +127,41 @@ def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Pa
     return names
 
 
-def _batches(rows: Iterable[Mapping[str, Any]] | pa.Table, n: int) -> Iterator[pa.Table]:
+def _batches(rows: Iterable[Mapping[str, Any]] | pa.Table, max_rows: int,
+             max_bytes: int | None) -> Iterator[pa.Table]:
+    """The shards' tables: cut where `_shard_lengths` says, from a table or from streamed rows alike."""
     if isinstance(rows, pa.Table):
         table = rows.select(list(COLUMNS)).cast(SCHEMA)
-        for start in range(0, table.num_rows, n):
-            yield table.slice(start, n)
+        sizes = pc.binary_length(table[IMAGE]).to_numpy().tolist()
+        start = 0
+        for length in _shard_lengths(sizes, max_rows, max_bytes):
+            yield table.slice(start, length)
+            start += length
         return
     buf: list[Mapping[str, Any]] = []
-    for row in rows:
-        buf.append(row)
-        if len(buf) == n:
-            yield _to_table(buf)
-            buf = []
-    if buf:
-        yield _to_table(buf)
+
+    def sizes() -> Iterator[int]:
+        for row in rows:
+            buf.append(row)
+            yield len(row.get(IMAGE) or b"")
+
+    # A length comes out once the row after the shard was seen (and buffered), or at the end.
+    for length in _shard_lengths(sizes(), max_rows, max_bytes):
+        yield _to_table(buf[:length])
+        del buf[:length]
+
+
+def _shard_lengths(sizes: Iterable[int], max_rows: int, max_bytes: int | None) -> Iterator[int]:
+    """Rows of each shard, given each row's image bytes: a shard ends before the row that would overflow it."""
+    rows = nbytes = 0
+    for size in sizes:
+        if rows and (rows >= max_rows or (max_bytes is not None and nbytes + size > max_bytes)):
+            yield rows
+            rows = nbytes = 0
+        rows += 1
+        nbytes += size
+    if rows:
+        yield rows
 
 
 def _to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -202,6 +234,35 @@ def num_rows(path: str | Path) -> int:
     """
     with _shard_errors(path):
         return pq.ParquetFile(path).metadata.num_rows
+
+
+def row_offsets(paths: Sequence[str | Path]) -> np.ndarray:
+    """The first global row of each shard, plus the total row count at the end (from the footers).
+
+    Shards need not have equal row counts (see `write_shards`): map rows with `locate`.
+
+    Raises:
+        ValueError: a shard is damaged or truncated.
+    """
+    return np.concatenate([[0], np.cumsum([num_rows(p) for p in paths], dtype=np.int64)]).astype(np.int64)
+
+
+def locate(offsets: np.ndarray, rows: Sequence[int] | np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Split global row ids into (shard number, local row ids), by shard, in row order within a shard.
+
+    Args:
+        offsets: the dataset's `row_offsets`.
+        rows: global row ids.
+
+    Raises:
+        IndexError: a row is outside the dataset.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= offsets[-1]):
+        bad = rows[(rows < 0) | (rows >= offsets[-1])][0]
+        raise IndexError(f"row {bad} is outside the dataset ({offsets[-1]} rows)")
+    shard_of = np.searchsorted(offsets, rows, side="right") - 1
+    return [(int(s), rows[shard_of == s] - offsets[s]) for s in np.unique(shard_of)]
 
 
 def shard_paths(dataset_dir: str | Path) -> list[Path]:

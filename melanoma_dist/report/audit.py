@@ -142,14 +142,11 @@ class ImageSet:
             raise ValueError(f"image set {self.name!r} has no dataset_dir or features to confirm near duplicates")
         missing = sorted({int(r) for r in rows} - set(self._cache))
         if missing:
-            rows_per_shard = int(shards.load_manifest(self.dataset_dir)["rows_per_shard"])
             paths = shards.shard_paths(self.dataset_dir)
-            by_shard: dict[int, list[int]] = defaultdict(list)
-            for r in missing:
-                by_shard[r // rows_per_shard].append(r)
-            for shard, rs in by_shard.items():
-                data = shards.read_images(paths[shard], [r % rows_per_shard for r in rs])
-                self._cache.update(zip(rs, thumbnail_features(data)))
+            offsets = shards.row_offsets(paths)
+            for shard, local in shards.locate(offsets, missing):
+                data = shards.read_images(paths[shard], local.tolist())
+                self._cache.update(zip((local + offsets[shard]).tolist(), thumbnail_features(data)))
         return np.stack([self._cache[int(r)] for r in rows]) if len(rows) else np.zeros((0, 3 * THUMB_SIZE ** 2))
 
     @classmethod
@@ -346,14 +343,13 @@ def read_images_by_id(dataset_dir: str | Path, image_ids: Sequence[str]) -> dict
     ids = shards.read_columns(dataset_dir, [shards.IMAGE_ID])[shards.IMAGE_ID].to_pylist()
     row_of = {v: r for r, v in enumerate(ids)}
     paths = shards.shard_paths(dataset_dir)
-    rows_per_shard = int(shards.load_manifest(dataset_dir)["rows_per_shard"])
-    wanted: dict[int, list[str]] = defaultdict(list)
-    for image_id in dict.fromkeys(image_ids):
+    offsets = shards.row_offsets(paths)
+    wanted = list(dict.fromkeys(image_ids))
+    for image_id in wanted:
         if image_id not in row_of:
             raise KeyError(f"image {image_id!r} is not in the dataset {dataset_dir}")
-        wanted[row_of[image_id] // rows_per_shard].append(image_id)
     out = {}
-    for shard, shard_ids in wanted.items():
-        data = shards.read_images(paths[shard], [row_of[i] % rows_per_shard for i in shard_ids])
-        out.update(zip(shard_ids, data))
+    for shard, local in shards.locate(offsets, sorted(row_of[i] for i in wanted)):
+        data = shards.read_images(paths[shard], local.tolist())
+        out.update(zip((ids[r] for r in local + offsets[shard]), data))
     return out

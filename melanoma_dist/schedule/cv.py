@@ -286,7 +286,8 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
 
     start = time.time()
     cfg = absolute_paths(cfg)
-    manifest, fold_of_row = prepare(cfg)  # the driver is the only writer of the dataset and the folds
+    # The driver is the only writer of the dataset and the folds (ingested on the cluster when there is one).
+    manifest, fold_of_row = prepare(cfg, address)
     wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
     fingerprints = fold_fingerprints(cfg, manifest, fold_of_row, wanted)
     out = Path(cfg.output_dir)

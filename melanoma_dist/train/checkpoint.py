@@ -50,13 +50,31 @@ class CheckpointError(ValueError):
 
 
 def resume_key(cfg: Config) -> str:
-    """Fingerprint of what a checkpoint depends on; more epochs or other workers may still resume."""
-    d = cfg.to_dict()
+    """Fingerprint of what a checkpoint depends on; more epochs or other workers may still resume.
+
+    Only settings that differ from their defaults count, so that a newer melanoma-dist, which
+    adds settings at their defaults, still resumes the unfinished folds of an older one.
+    """
+    d = _non_default(cfg.to_dict(), Config().to_dict())
     for volatile in ("epochs", "verbose"):
-        d["train"].pop(volatile)
-    d.pop("distributed")  # another number of workers resumes too: `restore_model` rescales the learning rate
+        d.get("train", {}).pop(volatile, None)
+    d.pop("distributed", None)  # another number of workers resumes too: `restore_model` rescales the learning rate
     d.pop("tune", None)  # the search settings do not shape a fold's training
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a config dict that differ from the defaults', sections compared entry by entry."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _non_default(value, default)
+            if value:
+                out[key] = value
+        elif key not in defaults or value != default:
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- files

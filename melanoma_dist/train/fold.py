@@ -150,9 +150,10 @@ def _write_predictions(path: Path, data: FoldData, rows: np.ndarray, probs: np.n
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "group", "label", "label_name", "pred"] + [f"prob_{c}" for c in data.class_names])
-        for r, p in zip(rows, probs):
+        ids, groups = data.index.image_ids.take(rows).to_pylist(), data.index.groups.take(rows).to_pylist()
+        for r, image_id, group, p in zip(rows, ids, groups, probs):
             y = int(data.index.labels[r])
-            w.writerow([data.index.image_ids[r], data.index.groups[r], y, data.class_names[y], int(p.argmax())]
+            w.writerow([image_id, group, y, data.class_names[y], int(p.argmax())]
                        + [f"{v:.6f}" for v in p])
 
 

@@ -168,7 +168,7 @@ def run_tune(cfg: Config, address: str = "", resume: bool = False) -> dict[str, 
     t = cfg.tune
     metric = metric_name(cfg)
     keys = list(t.space)
-    prepare(cfg)  # the driver is the only writer of the dataset and its folds
+    prepare(cfg, address)  # the driver is the only writer of the dataset and its folds
     out = tune_dir(cfg)
     trials_dir = out / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def outer_training_dataset(dataset_dir: str | Path, outer_of_row: Sequence[int],
     subset = pa.concat_tables(tables)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    names = shards.write_shards(subset, tmp, int(parent.get("rows_per_shard", 2048)))
+    names = shards.write_shards(subset, tmp, int(parent.get("rows_per_shard", 2048)), parent.get("shard_bytes"))
     labels = subset[shards.LABEL].to_numpy()
     manifest = {**parent, "shards": names, "num_shards": len(names), "num_images": subset.num_rows,
                 "counts": {n: int((labels == i).sum()) for i, n in enumerate(parent["class_names"])},
