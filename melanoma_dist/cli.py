@@ -29,7 +29,7 @@ from melanoma_dist.config import Config, load_config  # noqa: E402
 from melanoma_dist.cli_evidence import EVIDENCE_COMMANDS, add_evidence_arguments  # noqa: E402
 from melanoma_dist.submit import add_launch_arguments, cmd_launch  # noqa: E402
 from melanoma_dist.log import setup_logging  # noqa: E402
-from melanoma_dist.paths import ensure_writable_dir, os_error_line  # noqa: E402
+from melanoma_dist.paths import ensure_writable_dir, is_uri, os_error_line  # noqa: E402
 
 
 def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
@@ -45,8 +45,10 @@ def _check_dataset_dir(cfg: Config, makes_folds: bool) -> None:
     from melanoma_dist.data import shards
     from melanoma_dist.data.folds import folds_path
 
-    dataset = Path(cfg.data.dataset_dir)
-    if not (dataset / shards.MANIFEST).is_file():  # to be ingested: built beside it, then renamed into place
+    dataset = cfg.data.dataset_dir
+    if is_uri(dataset):  # an object store is not probed: its errors come with the first write
+        return
+    if not (Path(dataset) / shards.MANIFEST).is_file():  # to be ingested: built beside it, then renamed into place
         ensure_writable_dir(dataset, "data.dataset_dir", replaced=True)
     folds = folds_path(dataset, cfg.folds.k, cfg.folds.seed)
     if makes_folds or not folds.is_file():
@@ -113,7 +115,7 @@ def cmd_cv(cfg: Config, args: argparse.Namespace) -> int:
     except FoldFailed as e:
         print(f"melanoma-dist cv: {e}", file=sys.stderr)
         return 1
-    out = Path(cfg.output_dir).resolve()
+    out = cfg.output_dir if is_uri(cfg.output_dir) else Path(cfg.output_dir).resolve()
     print(format_table(out, summary))
     print(f"cross-validation finished in {summary['wall_time_s']:.0f}s; results in {out} "
           f"(cv_folds.csv, cv_summary.json, oof_predictions.csv, run_manifest.json)")
@@ -130,6 +132,9 @@ def cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: give the keys to search, e.g. "
                          "--set 'tune.space.train.learning_rate=loguniform(1e-4, 3e-3)' (see configs/tune-cpu.yaml)")
+    if is_uri(cfg.output_dir):
+        raise ValueError(f"output_dir {cfg.output_dir}: tune keeps its searches in a local or shared folder, not in "
+                         f"an object store; set output_dir to a folder (data.dataset_dir may stay a URI)")
     ensure_writable_dir(cfg.output_dir, "output_dir")
     _check_dataset_dir(cfg, makes_folds=True)
     try:

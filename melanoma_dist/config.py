@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
+from melanoma_dist.paths import check_uri
+
 LabelScheme = Literal["ham7", "melanoma", "malignant"]
 LabelType = Literal["dx", "melanoma", "malignant"]
 SourceKind = Literal["folder", "ham10000", "csv"]
@@ -48,6 +50,10 @@ def _check(cond: bool, msg: str) -> None:
 def _check_path(value: str, key: str, what: str) -> None:
     # An empty path silently means the current directory to pathlib (`Path("") == Path(".")`).
     _check(bool(value.strip()), f"{key} is empty: give {what}")
+    try:
+        check_uri(value, key)  # an object-store URI: a known scheme, a bucket, no credential in it
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_seed(value: int, key: str) -> None:
@@ -62,7 +68,7 @@ class SourceConfig:
     """Layout: `folder` (root/<class>/*.jpg), `ham10000` (metadata CSV + images/),
     or `csv` (a table with an id or path column and a label column)."""
     path: str
-    """Folder root, HAM10000 root, or the CSV file."""
+    """Folder root, HAM10000 root, or the CSV file; a local path or an `s3://` / `gs://` URI."""
     name: str = ""
     """Source name stored in the `source` column. Defaults to the folder or file stem."""
     label_type: LabelType = "dx"
@@ -102,7 +108,7 @@ class DataConfig:
     sources: tuple[SourceConfig, ...] = ()
     """Collections to ingest into one dataset (rows get a `source` column)."""
     dataset_dir: str = "runs/dataset"
-    """Where the Parquet shards, manifest and folds are written and read."""
+    """Where the Parquet shards, manifest and folds are written and read; a local path or an `s3://` / `gs://` URI."""
     label_scheme: LabelScheme = "melanoma"
     """`ham7` (7 HAM10000 diagnoses), `melanoma` (melanoma vs rest), `malignant`
     (mel, bcc, akiec vs benign)."""
@@ -421,7 +427,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     output_dir: str = "runs/train"
-    """Where fold results (models, histories, predictions, metrics) are written."""
+    """Where fold results (models, histories, predictions, metrics) are written; a local path or an
+    `s3://` / `gs://` URI (`cv` and `train`; the report, export and tune commands read local ones)."""
 
     def __post_init__(self) -> None:
         _check_path(self.output_dir, "output_dir", "the folder for the fold results (e.g. runs/train)")

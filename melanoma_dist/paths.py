@@ -6,6 +6,8 @@ at once in one line instead of after the work, with a traceback. Nothing is crea
 the checks look at the nearest existing folder and probe it with an anonymous temporary
 file. The errors are OSErrors whose `filename` is the offending path and whose
 `strerror` names the setting (`output_dir`, `--json`), as `cli.main` prints them.
+Object-store URIs (`s3://bucket/prefix`) are checked for their form here (`check_uri`) and
+are not probed: `melanoma_dist.storage` reads and writes them.
 
 Example:
 
@@ -21,6 +23,53 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+
+
+SCHEMES: tuple[str, ...] = ("s3", "gs")
+"""Object stores a path may name; `gcs://` is read as `gs://`."""
+
+ALIASES = {"gcs": "gs"}
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` is an object-store URI (`scheme://...`, or a `storage.ObjectPath`) rather than a local path.
+
+    A `Path` never is: pathlib folds `s3://b` into `s3:/b`.
+    """
+    return not isinstance(path, Path) and "://" in str(path)
+
+
+def check_uri(value: str, key: str) -> None:
+    """Refuse a URI this module cannot serve, or one that carries a credential.
+
+    Args:
+        value: The configured path (`s3://bucket/prefix`); local paths pass unchecked.
+        key: The setting that gave it, named in errors (`output_dir`, `data.dataset_dir`).
+
+    Raises:
+        ValueError: an unknown scheme, no bucket, or a user/password in the URI. The message
+            never repeats the user or password.
+    """
+    if not is_uri(value):
+        return
+    scheme, sep, rest = value.partition("://")
+    scheme = ALIASES.get(scheme.lower(), scheme.lower())
+    netloc = rest.split("/", 1)[0]
+    if "@" in netloc:
+        safe = f"{scheme}://{netloc.rsplit('@', 1)[1]}/{rest.split('/', 1)[1] if '/' in rest else ''}"
+        raise ValueError(f"{key} {safe} (shown without it) has a user or password in the URI: credentials come "
+                         f"only from the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, "
+                         f"the instance role; GCS application default credentials), never from a config")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{key} {value}: unknown scheme {scheme!r}; give a local path or a URI of "
+                         f"{', '.join(s + '://' for s in SCHEMES)}")
+    if not netloc:
+        raise ValueError(f"{key} {value} names no bucket: give {scheme}://<bucket>/<prefix>")
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (every node of a cluster must read it alike); a URI unchanged."""
+    return path if is_uri(path) or not path else os.path.abspath(path)
 
 
 def _existing_folder(path: Path, key: str, target: Path) -> Path:
@@ -52,13 +101,15 @@ def ensure_writable_dir(path: str | Path, key: str, replaced: bool = False) -> P
             so its parent must be writable as well. Defaults to `False`.
 
     Returns:
-        `path` as a Path.
+        `path` as a Path; an object-store URI unchanged and unchecked.
 
     Raises:
         NotADirectoryError: `path`, or a folder above it, is a file.
         OSError: the folder (or the nearest existing one above it) cannot be written, e.g.
             PermissionError, or errno 30 on a read-only file system.
     """
+    if is_uri(path):  # an object store has no folders to probe; its errors come with the first write
+        return path  # type: ignore[return-value]
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{key} is a file, not a folder", str(p))

@@ -27,8 +27,12 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pyarrow.fs import FileType
+
+from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
 from melanoma_dist.data.sources import SourceScan, scan_source
+from melanoma_dist.paths import absolute, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def stored(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """A manifest's fingerprint; a partial one (no file listings) for manifests written before it existed."""
     if "fingerprint" in manifest:
         return dict(manifest["fingerprint"])
-    sources = [{k: _abspath(v) if k == "path" else v for k, v in s.items() if k in _LEGACY_SOURCE_KEYS}
+    sources = [{k: absolute(v) if k == "path" else v for k, v in s.items() if k in _LEGACY_SOURCE_KEYS}
                for s in manifest.get("sources", [])]
     return {"settings": settings(manifest), "sources": sources}
 
@@ -115,7 +119,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def _source(src: SourceConfig, scan: SourceScan | None) -> dict[str, Any]:
     options = dataclasses.asdict(src)
-    options.update(name=src.display_name, path=_abspath(src.path), splits=list(src.splits))
+    options.update(name=src.display_name, path=absolute(src.path), splits=list(src.splits))
     if scan is not None:
         paths = [r.path for r in scan.records] + [s.path for s in scan.skipped]
         options["files"] = file_listing(paths + [scan.label_file] if scan.label_file else paths)
@@ -128,20 +132,27 @@ def file_listing(paths: Iterable[str]) -> dict[str, Any]:
     A file that cannot be read counts as absent, so that its appearing changes the listing.
     """
     lines, total = [], 0
-    for path in sorted({_abspath(p) for p in paths}):
+    for path in sorted({absolute(p) for p in paths}):
         try:
-            st = os.stat(path)
+            size, mtime_ns = _stat(path)
         except OSError:
             lines.append(f"{path}\t-")
             continue
-        total += st.st_size
-        lines.append(f"{path}\t{st.st_size}\t{st.st_mtime_ns}")
+        total += size
+        lines.append(f"{path}\t{size}\t{mtime_ns}")
     digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
     return {"count": len(lines), "bytes": total, "sha256": digest}
 
 
-def _abspath(path: str) -> str:
-    return os.path.abspath(path) if path else path
+def _stat(path: str) -> tuple[int, int]:
+    """Size and modification time (ns) of a file, local or in an object store (its last-modified time)."""
+    if not is_uri(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    found = storage.info(path)
+    if found.type != FileType.File:
+        raise FileNotFoundError(path)
+    return found.size, found.mtime_ns or 0
 
 
 def _differ(what: str, old: Any, new: Any) -> str:

@@ -27,7 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedGroupKFold
 
+from melanoma_dist import storage
 from melanoma_dist.data import shards
+from melanoma_dist.storage import ObjectPath, as_path
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def check_fold_classes(labels: Sequence[int], fold_of_row: Sequence[int], class_
 
 def dataset_sha256(dataset_dir: str | Path) -> str:
     """sha256 of the dataset's `manifest.json`: it changes whenever the dataset is re-ingested differently."""
-    return hashlib.sha256((Path(dataset_dir) / shards.MANIFEST).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(shards.manifest_path(dataset_dir))).hexdigest()
 
 
 def split_sha256(image_ids: Sequence[str] | pa.Array | pa.ChunkedArray, fold_of_row: Sequence[int],
@@ -222,9 +224,9 @@ def fingerprint_change(recorded: dict | None, expected: dict[str, str]) -> str |
     return " and ".join(changes) or None
 
 
-def folds_path(dataset_dir: str | Path, k: int, seed: int) -> Path:
-    """Where the fold assignment for (k, seed) is stored."""
-    return Path(dataset_dir) / "folds" / f"k{k}-seed{seed}.parquet"
+def folds_path(dataset_dir: str | Path, k: int, seed: int) -> Path | ObjectPath:
+    """Where the fold assignment for (k, seed) is stored (an ObjectPath when the dataset is in an object store)."""
+    return as_path(str(dataset_dir)) / "folds" / f"k{k}-seed{seed}.parquet"
 
 
 def make_folds(dataset_dir: str | Path, k: int, seed: int) -> dict:
@@ -256,12 +258,18 @@ def make_folds(dataset_dir: str | Path, k: int, seed: int) -> dict:
     summary = {"k": k, "seed": seed, "num_images": len(folds), "folds": per_fold, "leakage": leakage.to_dict()}
 
     out = folds_path(dataset_dir, k, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"image_id": index["image_id"], "fold": pa.array(folds, pa.int32())})
-    tmp = out.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    if isinstance(out, ObjectPath):  # an object appears whole when its upload completes: no temporary name
+        fs, inner = storage.filesystem(str(out))
+        pq.write_table(table, inner, filesystem=fs, compression="zstd")
+        storage.write_bytes(str(out)[:-len(".parquet")] + ".json", text.encode())
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(out)
+        out.with_suffix(".json").write_text(text)
     logger.info("wrote %s: %s", out, ", ".join(f"fold {p['fold']}: {p['num_images']}" for p in per_fold))
     return summary
 
@@ -277,7 +285,7 @@ def load_folds(dataset_dir: str | Path, k: int, seed: int) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"no folds for k={k}, seed={seed} in {dataset_dir}: run "
                                 f"`melanoma-dist folds --config ...` (or ingest) with folds.k={k} folds.seed={seed}")
-    table = pq.read_table(path)
+    table = shards.parquet_file(str(path)).read()
     ids = shards.read_columns(dataset_dir, ["image_id"])["image_id"]
     if len(ids) != table.num_rows or not ids.equals(table["image_id"]):
         raise ValueError(f"{path} does not match the shards in {dataset_dir} (the dataset was re-ingested): "

@@ -37,6 +37,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from melanoma_dist import storage
+from melanoma_dist.paths import is_uri
+
 logger = logging.getLogger(__name__)
 
 MIN_SIDE = 8
@@ -109,13 +112,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         BadImageError: see `prepare_image`.
     """
     try:
-        f = open(path, "rb")
+        # An object is fetched whole in one request: PIL's many small reads would each be one.
+        f = io.BytesIO(storage.read_bytes(path)) if is_uri(path) else open(path, "rb")
     except OSError as e:
-        raise BadImageError(broken_link_reason(path) or f"cannot read file: {e.strerror}") from None
+        raise BadImageError(broken_link_reason(path) or f"cannot read file: {e.strerror or e}") from None
     try:
         with f:
-            if os.fstat(f.fileno()).st_size == 0:
+            if f.seek(0, os.SEEK_END) == 0:
                 raise BadImageError("empty file (0 bytes)")
+            f.seek(0)
             # A bomb between MAX_IMAGE_PIXELS and twice that only warns; make it an error
             # so that one giant file cannot exhaust a worker's memory.
             with warnings.catch_warnings():

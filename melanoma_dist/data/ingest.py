@@ -15,6 +15,10 @@ ingest removes. Ingest writes only into a new or empty folder or over one of its
 datasets, and there it replaces only its own files (manifest, shards, folds): a user's
 notes beside them stay.
 
+A `dataset_dir` in an object store (`s3://...`) is built in a local temporary folder by
+the same code, then uploaded: the old manifest is deleted first and the new one uploaded
+last, so that readers never find a manifest beside shards it does not list.
+
 Example:
 
 ```python
@@ -27,6 +31,7 @@ manifest["num_images"], manifest["counts"]  # 10015 {'other': 8902, 'melanoma': 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -35,6 +40,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -42,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
 from melanoma_dist.data.fingerprint import fingerprint
 from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_image
@@ -49,7 +56,7 @@ from melanoma_dist.data.ingest_ray import ray_image_map, use_ray
 from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, own_files, write_manifest, write_shards
 from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceRecord, SourceScan, scan_source
 from melanoma_dist.labels import check_provides, class_names, to_class_index
-from melanoma_dist.paths import ensure_replaceable
+from melanoma_dist.paths import ensure_replaceable, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,8 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
     """
     if not cfg.sources:
         raise ValueError("data.sources is empty: list at least one source to ingest (see configs/)")
+    if is_uri(cfg.dataset_dir):
+        return _ingest_to_store(cfg, progress, address)
     dataset_dir = Path(cfg.dataset_dir)
     ensure_replaceable(dataset_dir, MANIFEST, "data.dataset_dir", "a melanoma-dist dataset", NotADatasetError)
     _remove_stale_temps(dataset_dir)
@@ -295,6 +304,58 @@ def _swap_into(tmp: Path, dataset_dir: Path) -> None:
     with contextlib.suppress(OSError):  # the old folds are gone; keep the folder if the user put files there
         (dataset_dir / "folds").rmdir()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- object stores
+
+def _ingest_to_store(cfg: DataConfig, progress: bool, address: str) -> dict[str, Any]:
+    """Ingest into a local staging folder, then publish it to the object-store URI `cfg.dataset_dir`.
+
+    The same code as a local ingest writes the files, so that both give the same bytes.
+    """
+    _check_store_replaceable(cfg.dataset_dir)  # before the long work
+    with tempfile.TemporaryDirectory(prefix="melanoma-dist-ingest-") as staging:
+        local = Path(staging) / "dataset"
+        manifest = ingest(dataclasses.replace(cfg, dataset_dir=str(local)), progress, address)
+        _publish(local, cfg.dataset_dir)
+    logger.info("ingest: uploaded the dataset to %s", cfg.dataset_dir)
+    return manifest
+
+
+def _store_entries(uri: str) -> list[str]:
+    """Names of the files and folders directly under `uri`."""
+    return [name for name, _ in storage.listdir(uri)]
+
+
+def _check_store_replaceable(uri: str) -> None:
+    """An object-store dataset_dir must be empty or hold a dataset (its manifest), as a local one."""
+    entries = _store_entries(uri)
+    if entries and MANIFEST not in entries:
+        listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise NotADatasetError(f"data.dataset_dir {uri} exists and is not a melanoma-dist dataset (no {MANIFEST}; "
+                               f"it holds {listed}); it would be replaced, so set data.dataset_dir to a new prefix")
+
+
+def _publish(local: Path, uri: str) -> None:
+    """Replace the dataset at `uri` by the one in `local`: manifest off first, new manifest on last.
+
+    Readers look for the manifest first, so that between the two they find no dataset, never
+    a manifest beside shards it does not list. Old shards and folds (made for the old rows)
+    are deleted; other objects under the prefix stay.
+    """
+    fs, inner = storage.filesystem(uri)
+    entries = _store_entries(uri)
+    if MANIFEST in entries:
+        fs.delete_file(f"{inner}/{MANIFEST}")
+    shards = sorted(local.glob("shard-*.parquet"))
+    storage.upload(shards, uri)
+    new = {p.name for p in shards}
+    for name in entries:
+        if name.startswith("shard-") and name not in new:
+            fs.delete_file(f"{inner}/{name}")
+    if "folds" in entries:
+        fs.delete_dir(f"{inner}/folds")
+    storage.upload([local / MANIFEST], uri)
 
 
 # ---------------------------------------------------------------- temporary directories

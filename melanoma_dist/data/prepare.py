@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from melanoma_dist import storage
 from melanoma_dist.config import Config, DataConfig
 from melanoma_dist.data import fingerprint, shards
 from melanoma_dist.data.folds import ensure_folds
@@ -43,7 +43,7 @@ def ensure_dataset(cfg: Config, address: str = "") -> dict:
     """
     data = cfg.data
     address = address or cfg.distributed.address
-    if not (Path(data.dataset_dir) / shards.MANIFEST).is_file():
+    if not storage.is_file(shards.manifest_path(data.dataset_dir)):
         if not data.sources:
             raise ValueError(f"no dataset in {data.dataset_dir} and no data.sources to ingest: "
                              f"set data.sources in the config, or data.dataset_dir to an ingested dataset")

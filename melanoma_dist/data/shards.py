@@ -9,7 +9,8 @@ images, so shards of large images hold fewer rows: global row `i` of the dataset
 from the shards' row counts (`row_offsets`, `locate`), never as `i // rows_per_shard`.
 
 Writing is deterministic: the same rows give byte-identical files (fixed compression,
-no timestamps).
+no timestamps). The readers take a dataset in an object store (`s3://bucket/dataset`) too,
+fetching only the footers and row groups they need.
 
 Example:
 
@@ -33,6 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from melanoma_dist import storage
+from melanoma_dist.paths import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +190,11 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         ValueError: the manifest is damaged (not JSON, no list of shards) or was written
             by an incompatible format version.
     """
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
+    path = manifest_path(dataset_dir)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"no {MANIFEST} in {dataset_dir}: run `melanoma-dist ingest --config ...` first")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(storage.read_bytes(path))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: cut short or overwritten
         raise ValueError(_damaged(path, f"not valid JSON: {e}")) from None
     if not isinstance(manifest, dict):
@@ -205,13 +209,26 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_path(dataset_dir: str | Path) -> Path | str:
+    """The dataset's `manifest.json`: a Path, or a URI when the dataset is in an object store."""
+    return storage.join(dataset_dir, MANIFEST) if is_uri(dataset_dir) else Path(dataset_dir) / MANIFEST
+
+
+def parquet_file(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file (shard, folds), local or in an object store; only the parts read are fetched."""
+    if not is_uri(path):
+        return pq.ParquetFile(path)
+    fs, inner = storage.filesystem(path)
+    return pq.ParquetFile(inner, filesystem=fs)
+
+
 def own_files(dataset_dir: str | Path) -> list[Path]:
     """The files melanoma-dist wrote in a dataset folder (manifest, shards, folds), not the user's."""
     root = Path(dataset_dir)
     return sorted({p for pattern in OWN_FILES for p in root.glob(pattern) if p.is_file()})
 
 
-def _damaged(path: Path, detail: str) -> str:
+def _damaged(path: Path | str, detail: str) -> str:
     return f"{path} is damaged or truncated ({detail}): {_REINGEST}"
 
 
@@ -223,7 +240,7 @@ def _shard_errors(path: str | Path) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(_damaged(Path(path), str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+        raise ValueError(_damaged(path, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
 
 
 def num_rows(path: str | Path) -> int:
@@ -233,7 +250,7 @@ def num_rows(path: str | Path) -> int:
         ValueError: the shard is damaged or truncated.
     """
     with _shard_errors(path):
-        return pq.ParquetFile(path).metadata.num_rows
+        return parquet_file(path).metadata.num_rows
 
 
 def row_offsets(paths: Sequence[str | Path]) -> np.ndarray:
@@ -265,16 +282,23 @@ def locate(offsets: np.ndarray, rows: Sequence[int] | np.ndarray) -> list[tuple[
     return [(int(s), rows[shard_of == s] - offsets[s]) for s in np.unique(shard_of)]
 
 
-def shard_paths(dataset_dir: str | Path) -> list[Path]:
-    """The dataset's shard files, in row order, as listed by its manifest.
+def shard_paths(dataset_dir: str | Path) -> list[Path] | list[str]:
+    """The dataset's shard files, in row order, as listed by its manifest: Paths, or URIs in an object store.
 
     Raises:
         FileNotFoundError: the manifest or a shard it lists is missing.
     """
-    paths = [Path(dataset_dir) / name for name in load_manifest(dataset_dir)["shards"]]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"shard {p} listed in {Path(dataset_dir) / MANIFEST} is missing: {_REINGEST}")
+    names = load_manifest(dataset_dir)["shards"]
+    if is_uri(dataset_dir):  # one listing request instead of one per shard
+        listed = {name for name, _ in storage.listdir(dataset_dir)}
+        paths: list = [storage.join(dataset_dir, name) for name in names]
+        found = [name in listed for name in names]
+    else:
+        paths = [Path(dataset_dir) / name for name in names]
+        found = [p.is_file() for p in paths]
+    for p, ok in zip(paths, found):
+        if not ok:
+            raise FileNotFoundError(f"shard {p} listed in {manifest_path(dataset_dir)} is missing: {_REINGEST}")
     return paths
 
 
@@ -295,7 +319,7 @@ def read_columns(dataset_dir: str | Path, columns: Sequence[str]) -> pa.Table:
     tables = []
     for p in shard_paths(dataset_dir):
         with _shard_errors(p):
-            pf = pq.ParquetFile(p)
+            pf = parquet_file(p)
             missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
                 raise ValueError(f"shard {p} has no column {missing[0]!r} (columns: {pf.schema_arrow.names}): "
@@ -314,7 +338,7 @@ def read_images(path: str | Path, row_indices: Sequence[int] | None = None) -> l
         ValueError: the shard is damaged or truncated.
     """
     with _shard_errors(path):
-        return _read_images(pq.ParquetFile(path), path, row_indices)
+        return _read_images(parquet_file(path), path, row_indices)
 
 
 def _read_images(pf: pq.ParquetFile, path: str | Path, row_indices: Sequence[int] | None) -> list[bytes]:

@@ -20,6 +20,9 @@ them fails with the reason ("dangling symbolic link", "symbolic link loop"), als
 Image files that no label names (images directly in a folder source's root, images beside
 a CSV's images that no row mentions) are listed as unlabelled, for the manifest and the log.
 
+A source's path may be an object-store URI (`s3://bucket/ham10000`): the same layouts are
+read through `melanoma_dist.storage`, one listing request per folder.
+
 Example:
 
 ```python
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from melanoma_dist.config import SourceConfig
 from melanoma_dist.data.images import is_file_or_broken_link
+from melanoma_dist.storage import ObjectPath, as_path, join, listdir, open_text
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ def scan_source(src: SourceConfig) -> SourceScan:
 # ---------------------------------------------------------------- layouts
 
 def _read_folder(src: SourceConfig, name: str) -> SourceScan:
-    root = Path(src.path)
+    root = as_path(src.path)
     layout = f"expected {root}/<class>/<image files>, e.g. {root}/mel/ISIC_0000001.jpg"
     if not root.is_dir():
         raise FileNotFoundError(f"folder source {name!r}: {root} is not a directory; {layout}")
@@ -168,12 +172,14 @@ def _read_folder(src: SourceConfig, name: str) -> SourceScan:
     return SourceScan(records, [], loose)
 
 
-def _is_candidate(f: Path) -> bool:
+def _is_candidate(f: Path | ObjectPath) -> bool:
     """A non-hidden file, or a broken symbolic link (kept so that its decoding failure is counted)."""
+    if isinstance(f, ObjectPath):
+        return not f.name.startswith(".") and f.is_file()
     return not f.name.startswith(".") and is_file_or_broken_link(f)
 
 
-def _folder_ids(files: Sequence[tuple[str, Path]]) -> list[str]:
+def _folder_ids(files: Sequence[tuple[str, Path | ObjectPath]]) -> list[str]:
     """File stems, made unique with the class folder (then the full file name) where they collide."""
     stems = Counter(f.stem for _, f in files)
     prefixed = Counter(f"{label}/{f.stem}" for label, f in files)
@@ -189,7 +195,7 @@ def _folder_ids(files: Sequence[tuple[str, Path]]) -> list[str]:
 
 
 def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
-    root = Path(src.path)
+    root = as_path(src.path)
     meta = root / HAM_METADATA
     if src.label_type != "dx":
         raise ValueError(f"ham10000 source {name!r}: its labels are dx diagnoses, got label_type "
@@ -217,7 +223,7 @@ def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
 
 
 def _read_csv_source(src: SourceConfig, name: str) -> SourceScan:
-    csv_path = Path(src.path)
+    csv_path = as_path(src.path)
     key_column = src.path_column or src.id_column
     if not csv_path.is_file():
         raise FileNotFoundError(
@@ -272,7 +278,7 @@ def _read_csv_source(src: SourceConfig, name: str) -> SourceScan:
     return SourceScan(records, skipped, finder.unmentioned(records), str(csv_path))
 
 
-def _csv_image_dirs(src: SourceConfig, base: Path, split: str, where: str) -> list[Path]:
+def _csv_image_dirs(src: SourceConfig, base: Path | ObjectPath, split: str, where: str) -> list[Path | ObjectPath]:
     if src.image_dir:
         if "{split}" in src.image_dir and not split:
             raise ValueError(f"{where}: image_dir {src.image_dir!r} needs a split but the "
@@ -283,7 +289,7 @@ def _csv_image_dirs(src: SourceConfig, base: Path, split: str, where: str) -> li
 
 # ---------------------------------------------------------------- helpers
 
-def _read_table(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
+def _read_table(path: Path | ObjectPath, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield (line number, row) of a CSV after checking that the `required` columns exist.
 
     Raises:
@@ -294,7 +300,7 @@ def _read_table(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark that would
         # otherwise become part of the first column name.
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_text(path, encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader, [])]
             if not header:
@@ -342,11 +348,15 @@ class _ImageFinder:
     """
 
     def __init__(self) -> None:
-        self._listings: dict[Path, dict[str, str]] = {}
+        self._listings: dict[Path | ObjectPath, dict[str, str]] = {}
         self._mentioned: set[str] = set()
 
-    def _names(self, folder: Path) -> dict[str, str]:
+    def _names(self, folder: Path | ObjectPath) -> dict[str, str]:
         if folder not in self._listings:
+            if isinstance(folder, ObjectPath):  # one listing request per prefix
+                self._listings[folder] = {name.lower(): name for name, is_folder in listdir(str(folder))
+                                          if not is_folder}
+                return self._listings[folder]
             try:
                 with os.scandir(folder) as it:
                     # Broken links are listed too: decoding them fails with the reason, which is counted.
@@ -364,14 +374,15 @@ class _ImageFinder:
         """Image files in the folders the records' images are in that no row mentions, by id or file name."""
         out = []
         for folder in sorted({os.path.dirname(r.path) for r in records}):  # strings: Path() is slow on 10k files
-            for name in self._names(Path(folder)).values():
+            for name in self._names(as_path(folder)).values():
                 stem, ext = os.path.splitext(name)
                 if (ext.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
                         and stem.lower() not in self._mentioned and name.lower() not in self._mentioned):
-                    out.append(os.path.join(folder, name))
+                    out.append(join(folder, name))
         return out
 
-    def find(self, folders: Sequence[Path], image_id: str, extensions: Sequence[str]) -> Path | None:
+    def find(self, folders: Sequence[Path | ObjectPath], image_id: str,
+             extensions: Sequence[str]) -> Path | ObjectPath | None:
         """The first `<folder>/<image_id><ext>` that exists (extension case-insensitive), or None."""
         candidates = [image_id] if Path(image_id).suffix.lower() in IMAGE_EXTENSIONS else []
         candidates += [image_id + ext for ext in extensions]

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from melanoma_dist import storage
 from melanoma_dist.metrics import classification_metrics
 from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
 
@@ -132,7 +133,7 @@ TABLE_METRICS = {True: ("accuracy", "balanced_accuracy", "precision", "recall", 
 
 def format_table(output_dir: str | Path, summary: dict) -> str:
     """The per-fold table, mean ± sd and pooled out-of-fold metrics as aligned text."""
-    with (Path(output_dir) / "cv_folds.csv").open(newline="") as f:
+    with storage.open_text(storage.join(output_dir, "cv_folds.csv")) as f:  # output_dir may be a URI
         rows = list(csv.DictReader(f))
     binary = len(summary["pooled_oof"]["class_names"]) == 2
     shown = [m for m in TABLE_METRICS[binary] if m in summary["mean_std"]]

@@ -27,7 +27,9 @@ import numpy as np
 import yaml
 
 from melanoma_dist import labels as label_schemes
+from melanoma_dist import storage
 from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.storage import ObjectPath, as_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def decision_index(scheme: str) -> int:
 
 def file_sha256(path: str | Path) -> str:
     """SHA-256 (hex) of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()  # a local path, or a URI
 
 
 def read_history(path: str | Path) -> dict[str, list[float]]:
@@ -112,8 +114,8 @@ class CVResult:
         return self.class_names[self.decision_index]
 
     @property
-    def dataset_dir(self) -> Path:
-        return Path(self.config["data"]["dataset_dir"])
+    def dataset_dir(self) -> Path | ObjectPath:
+        return as_path(self.config["data"]["dataset_dir"])  # an ObjectPath for a dataset in an object store
 
     @property
     def complete(self) -> bool:

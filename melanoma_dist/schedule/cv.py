@@ -19,10 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +33,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from melanoma_dist import labels as label_schemes
+from melanoma_dist import storage
 from melanoma_dist.config import Config, config_from_dict
 from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.data.prepare import prepare
 from melanoma_dist.log import setup_logging
 from melanoma_dist.metrics import format_metric
+from melanoma_dist.paths import absolute, is_uri
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
 from melanoma_dist.run_files import METRICS_FILE, discard_fold_result, fold_dir
 from melanoma_dist.schedule.horovod_group import (GroupCancelled, GroupHung, GroupSpec, PlacementTimeout,
@@ -57,9 +62,9 @@ def _fold_worker(cfg_dict: dict, fold: int, attempt: int) -> dict | None:
 
 def absolute_paths(cfg: Config) -> Config:
     """The config with data and output paths made absolute, as every node must read them alike."""
-    sources = tuple(dataclasses.replace(s, path=os.path.abspath(s.path)) for s in cfg.data.sources)
-    data = dataclasses.replace(cfg.data, sources=sources, dataset_dir=os.path.abspath(cfg.data.dataset_dir))
-    return dataclasses.replace(cfg, data=data, output_dir=os.path.abspath(cfg.output_dir))
+    sources = tuple(dataclasses.replace(s, path=absolute(s.path)) for s in cfg.data.sources)
+    data = dataclasses.replace(cfg.data, sources=sources, dataset_dir=absolute(cfg.data.dataset_dir))
+    return dataclasses.replace(cfg, data=data, output_dir=absolute(cfg.output_dir))
 
 
 def _versions() -> dict[str, str]:
@@ -76,15 +81,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_run_manifest(cfg: Config, ray_address: str) -> Path:
-    """Record what produced this run: config, versions, data manifest hash, seeds, cluster."""
+def write_run_manifest(cfg: Config, ray_address: str, out: Path | None = None) -> Path:
+    """Record what produced this run: config, versions, data manifest hash, seeds, cluster.
+
+    The file goes in `out`, which defaults to `output_dir` (the driver's local mirror of an object-store one).
+    """
     run = {"config": cfg.to_dict(), "versions": _versions(),
            "data_manifest_sha256": fold_io.dataset_sha256(cfg.data.dataset_dir),
            "seeds": {"folds": cfg.folds.seed, "train": cfg.train.seed},
            "ray_address": ray_address, "command": " ".join(sys.argv)}
-    out = Path(cfg.output_dir) / "run_manifest.json"
-    out.write_text(json.dumps(run, indent=2) + "\n")
-    return out
+    path = (out or Path(cfg.output_dir)) / "run_manifest.json"
+    path.write_text(json.dumps(run, indent=2) + "\n")
+    return path
 
 
 def _connect(address: str) -> tuple[str, bool]:
@@ -204,7 +212,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def last_write(path: str | Path) -> float:
-    """Newest modification time of `path` and the files below it (0 when there are none)."""
+    """Newest modification time of `path` and the files below it (0 when there are none); a URI's objects too."""
+    if is_uri(path):
+        return storage.last_write(path)
     newest = 0.0
     for root, _dirs, files in os.walk(path):
         for name in [".", *files]:
@@ -213,6 +223,21 @@ def last_write(path: str | Path) -> float:
             except OSError:  # replaced while we looked
                 pass
     return newest
+
+
+STORE_PROGRESS_S = 30.0
+"""Seconds between two listings of a fold's folder in an object store (each is a request, and billed)."""
+
+
+def _at_most_every(seconds: float, fn: Callable[[], float]) -> Callable[[], float]:
+    """`fn`, called at most once every `seconds`; in between, its last value."""
+    last = {"at": -math.inf, "value": 0.0}
+
+    def call() -> float:
+        if time.monotonic() - last["at"] >= seconds:
+            last.update(at=time.monotonic(), value=fn())
+        return last["value"]
+    return call
 
 
 def fold_spec(cfg: Config, fold: int, attempt: int) -> GroupSpec:
@@ -250,14 +275,15 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
     """
     worker = worker or _fold_worker
     attempts = cfg.distributed.max_retries + 1
-    out = fold_dir(cfg.output_dir, fold)
+    out = storage.join(cfg.output_dir, fold_dir("", fold).name)  # a path or a URI: what `last_write` watches
+    progress = _at_most_every(STORE_PROGRESS_S, lambda: last_write(out)) if is_uri(out) else lambda: last_write(out)
     for attempt in range(1, attempts + 1):
         spec = fold_spec(cfg, fold, attempt)
         logger.info("fold %d: requesting %d worker(s) from Ray (attempt %d of %d); it starts when they are placed",
                     fold, spec.num_workers, attempt, attempts)
         try:
             results = run_horovod_group(worker, [cfg.to_dict(), fold, attempt], spec,
-                                        progress=lambda: last_write(out), stop=stop, within=within)
+                                        progress=progress, stop=stop, within=within)
             return results[0]  # rank 0 holds the metrics
         except Exception as e:
             if not is_healable(e):
@@ -290,7 +316,11 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     manifest, fold_of_row = prepare(cfg, address)
     wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
     fingerprints = fold_fingerprints(cfg, manifest, fold_of_row, wanted)
-    out = Path(cfg.output_dir)
+    mirror = None
+    if is_uri(cfg.output_dir):  # the driver works in a local mirror; each fold pushes its own folder
+        mirror = storage.FolderMirror(cfg.output_dir, Path(tempfile.mkdtemp(prefix="melanoma-dist-cv-")))
+        mirror.pull(skip=("resume",))
+    out = mirror.local if mirror is not None else Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
 
@@ -302,7 +332,7 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     for f, why in stale.items():
         logger.warning("fold %d finished in %s, but %s: running it again", f, out, why)
         discard_fold_result(out, f)  # should the re-run fail, the fold is missing rather than stale
-    write_run_manifest(cfg, used)
+    write_run_manifest(cfg, used, out)
     failures: dict[int, str] = {}
     lock = threading.Lock()
     stop = threading.Event()
@@ -310,6 +340,8 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     def one(fold: int) -> None:
         try:
             m = run_fold_with_retries(cfg, fold, stop=stop)
+            if mirror is not None:  # its results, for the count below and the aggregation
+                mirror.pull(fold_dir("", fold).name, skip=("resume",))
             logger.info("fold %d finished on node %s: balanced accuracy %s, ROC-AUC %s (%d of %d folds done)",
                         fold, str(m.get("node_id", "?"))[:8], format_metric(m["balanced_accuracy"]),
                         format_metric(m["roc_auc"]),
@@ -333,6 +365,9 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     summary = aggregate_cv(out, cfg.folds.k, label_schemes.reported_melanoma_index(cfg.data.label_scheme))
     summary["wall_time_s"] = round(time.time() - start, 1)
     (out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if mirror is not None:  # the driver's files (config, run manifest, aggregates, discarded results) go up
+        mirror.push()
+        shutil.rmtree(mirror.local, ignore_errors=True)
     if failures:
         raise FoldFailed(f"{len(failures)} fold(s) failed: {failures}; finished folds are kept in {out}; "
                          f"run `melanoma-dist cv` again with the same output_dir to retry only those")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from melanoma_dist.config import Config
+from melanoma_dist.paths import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,15 @@ def repo_root() -> Path:
 def check_cluster_paths(cfg: Config) -> None:
     """Reject relative data and output paths: on a cluster they would resolve inside each node's temporary job dir.
 
+    Object-store URIs (`s3://...`) are shared by every node and pass.
+
     Raises:
         ValueError: naming the key, its value and the fix.
     """
     paths = {"output_dir": cfg.output_dir, "data.dataset_dir": cfg.data.dataset_dir}
     paths |= {f"data.sources.{i}.path": s.path for i, s in enumerate(cfg.data.sources)}
     for key, value in paths.items():
-        if not os.path.isabs(value):
+        if not (is_uri(value) or os.path.isabs(value)):  # an object store is shared storage
             raise ValueError(f"{key}={value!r} is relative: on a Ray cluster it would resolve inside the job's "
                              f"temporary working directory of each node. Give an absolute path on storage that "
                              f"every node mounts, e.g. --set {key}=/mnt/shared/{value.lstrip('./')}")

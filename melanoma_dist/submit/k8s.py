@@ -36,6 +36,7 @@ from typing import Iterator
 import yaml
 
 from melanoma_dist.config import Config, config_from_dict, load_config
+from melanoma_dist.paths import is_uri
 from melanoma_dist.submit.command import command_argv
 from melanoma_dist.submit.jobs import repo_root, with_command
 
@@ -131,7 +132,7 @@ def _under(path: str, root: str) -> bool:
 
 
 def check_config_paths(cfg: Config, mounts: dict[str, str]) -> None:
-    """Data and output paths of `cfg` must lie on the volumes the Pods mount.
+    """Data and output paths of `cfg` must lie on the volumes the Pods mount (object-store URIs need none).
 
     Raises:
         ValueError: naming the key, its value, the volume it must be on and an example fix.
@@ -142,7 +143,7 @@ def check_config_paths(cfg: Config, mounts: dict[str, str]) -> None:
     checks = [("output_dir", cfg.output_dir, (results,)), ("data.dataset_dir", cfg.data.dataset_dir, (data, results))]
     checks += [(f"data.sources.{i}.path", s.path, (data, results)) for i, s in enumerate(cfg.data.sources)]
     for key, value, roots in checks:
-        if not any(_under(value, r) for r in roots):
+        if not is_uri(value) and not any(_under(value, r) for r in roots):  # an object store needs no volume
             example = posixpath.join(roots[0], posixpath.basename(value.rstrip("/")) or "run")
             raise ValueError(f"{key}={value!r} is not on a volume of the Pods: it must be under "
                              f"{' or '.join(roots)}, e.g. --set {key}={example}")

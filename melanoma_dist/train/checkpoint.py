@@ -347,7 +347,7 @@ def checkpoint_to_resume(cfg: Config, fold: int, fingerprint: dict[str, str], re
         return state
     logger.warning("fold %d: not resuming the checkpoint in %s after epoch %d: %s; starting the fold afresh",
                    fold, resume_dir, state["epoch"], why)
-    discard_fold_result(cfg.output_dir, fold)
+    discard_fold_result(resume_dir.parent.parent, fold)  # <output_dir>/fold-K/resume (or its local mirror)
     return None
 
 

@@ -12,6 +12,10 @@ Outputs in `<output_dir>/fold-<K>/`: `model.keras`, `history.csv`,
 checkpoint and the metrics record the data the fold was made on (the dataset's
 manifest and the fold's image assignment), so that they are never resumed or
 taken as done for other data.
+
+With `output_dir` in an object store (`s3://...`), rank 0 works in a local temporary
+folder mirrored to `<output_dir>/fold-<K>/`: it downloads it first (to resume), uploads
+what changed after every epoch's checkpoint, and uploads `metrics.json` last.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +36,14 @@ import numpy as np
 import tensorflow as tf
 
 from melanoma_dist import labels as label_schemes
+from melanoma_dist import storage
 from melanoma_dist.config import Config
 from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, steps_per_epoch, worker_rows
 from melanoma_dist import distributed as hk
 from melanoma_dist.metrics import classification_metrics, format_metric
+from melanoma_dist.paths import is_uri
 from melanoma_dist.run_files import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
 from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.model.training_model import training_model
@@ -203,9 +210,14 @@ def _rank_inputs(cfg: Config, data: FoldData, ctx: hk.WorkerContext) -> _Inputs:
 
 
 def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Model, data: FoldData,
-                  inputs: _Inputs, resume: ckpt.Resume | None) -> ckpt.ResumableEarlyStopping:
-    """Train the phases not yet done, from `resume` if any; returns the early stopping of the last phase run."""
-    out, resume_dir = fold_dir(cfg.output_dir, fold), fold_dir(cfg.output_dir, fold) / "resume"
+                  inputs: _Inputs, resume: ckpt.Resume | None, out: Path,
+                  mirror: storage.FolderMirror | None = None) -> ckpt.ResumableEarlyStopping:
+    """Train the phases not yet done, from `resume` if any; returns the early stopping of the last phase run.
+
+    `out` is the fold's folder; `mirror` (an object-store output_dir) is pushed after each epoch,
+    once its checkpoint is written.
+    """
+    resume_dir = out / "resume"
     num_classes = len(data.class_names)
     monitor, mode = monitored_metric(cfg.train.monitor, num_classes)
     initial_epoch, first_phase = (resume.epoch, resume.phase) if resume else (0, 0)
@@ -243,6 +255,8 @@ def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Mo
                           ckpt.FoldCheckpoint(resume_dir, early_stopping, reduce_lr, ckpt.resume_key(cfg),
                                               data.fingerprint, phase=p, workers=ctx.size),
                           fold_tensorboard(out)]
+            if mirror is not None:  # after FoldCheckpoint: the epoch's checkpoint goes up with it
+                callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: mirror.push()))
         # A fold that stopped early before a crash is done: training on would change its result.
         if initial_epoch < phase.end_epoch and not early_stopping.stopped_epoch:
             # shuffle=False: the dataset shuffles itself.
@@ -258,10 +272,9 @@ def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Mo
     return early_stopping
 
 
-def _write_results(cfg: Config, fold: int, data: FoldData, model: keras.Model, rows: np.ndarray,
+def _write_results(out: Path, data: FoldData, model: keras.Model, rows: np.ndarray,
                    probs: np.ndarray, metrics: dict) -> None:
-    """Write the model, predictions and, last (it marks the fold as done), `metrics.json` (rank 0)."""
-    out = fold_dir(cfg.output_dir, fold)
+    """Write the model, predictions and, last (it marks the fold as done), `metrics.json` (rank 0) in `out`."""
     model.save(out / MODEL_FILE)
     _write_predictions(out / PREDICTIONS_FILE, data, rows, probs)
     tmp = out / (METRICS_FILE + ".tmp")
@@ -274,7 +287,8 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
 
     A fold that was interrupted resumes from its last finished epoch, if that
     checkpoint is intact and of the same config and data (`checkpoint.resume_fold`);
-    a fold that had finished training is scored again from its best epoch.
+    a fold that had finished training is scored again from its best epoch. An
+    object-store `output_dir` is mirrored by a local temporary folder (module docstring).
 
     Args:
         cfg: The job's config.
@@ -284,6 +298,20 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     Returns:
         The metrics dict on rank 0, None on other ranks.
     """
+    if not is_uri(cfg.output_dir):
+        return _train_fold(cfg, fold, extra)
+    with tempfile.TemporaryDirectory(prefix=f"melanoma-dist-fold-{fold}-") as local:
+        # The config keeps the URI: it is part of the checkpoint's key (`checkpoint.resume_key`).
+        mirror = storage.FolderMirror(storage.join(cfg.output_dir, fold_dir("", fold).name), fold_dir(local, fold))
+        metrics = _train_fold(cfg, fold, extra, mirror)
+        if metrics is not None:
+            mirror.push(last=(METRICS_FILE,))
+        return metrics
+
+
+def _train_fold(cfg: Config, fold: int, extra: dict | None = None,
+                mirror: storage.FolderMirror | None = None) -> dict | None:
+    """`train_fold`, writing the fold's files in `mirror.local` when given, else in `<output_dir>/fold-K`."""
     start = time.time()
     ctx = _start_worker(cfg)
 
@@ -291,8 +319,10 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     if data.image_size != cfg.data.image_size:
         raise ValueError(f"the dataset in {cfg.data.dataset_dir} holds {data.image_size}px images but "
                          f"data.image_size is {cfg.data.image_size}: re-ingest or set data.image_size={data.image_size}")
-    out = fold_dir(cfg.output_dir, fold)
+    out = mirror.local if mirror is not None else fold_dir(cfg.output_dir, fold)
     if ctx.is_chief:
+        if mirror is not None:  # Horovod: rank 0 alone reads the checkpoint, so it alone downloads it
+            mirror.pull()
         out.mkdir(parents=True, exist_ok=True)
         logger.info("fold %d: %d training / %d validation images, %d worker(s), host %s%s",
                     fold, len(data.train_rows), len(data.val_rows), ctx.size, socket.gethostname(),
@@ -308,7 +338,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     # fit trains `trainer`, which shares `model`'s weights; `model` alone is scored and saved.
     # Horovod: augmentation seeded per rank, as the pipeline's.
     trainer = training_model(model, cfg, seed=ctx.rank_seed(cfg.train.seed))
-    early_stopping = _train_phases(cfg, fold, ctx, trainer, data, inputs, resume)
+    early_stopping = _train_phases(cfg, fold, ctx, trainer, data, inputs, resume, out, mirror)
 
     # Score with the best epoch's weights (the same on every rank: the metrics are whole-fold).
     if early_stopping.best_weights is not None:
@@ -327,7 +357,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
                    workers=ctx.size, host=socket.gethostname(),
                    epochs_run=int(ckpt.load_state(out / "resume")["epoch"]),
                    best_epoch=early_stopping.best_epoch + 1, wall_time_s=round(time.time() - start, 1))
-    _write_results(cfg, fold, data, model, rows, probs, metrics)
+    _write_results(out, data, model, rows, probs, metrics)
     logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %s, ROC-AUC %s", fold,
                 metrics["wall_time_s"], metrics["accuracy"], format_metric(metrics["balanced_accuracy"]),
                 format_metric(metrics["roc_auc"]))
