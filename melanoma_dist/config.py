@@ -111,15 +111,22 @@ class DataConfig:
     resize: Literal["crop", "pad"] = "crop"
     """Keep the aspect ratio by a center crop to a square (default; the lesion is
     centred in dermoscopy) or by padding with black."""
-    encoding: Literal["jpeg", "png"] = "jpeg"
-    """How resized images are encoded in the shards."""
+    encoding: Literal["jpeg", "png", "raw"] = "jpeg"
+    """How resized images are stored in the shards: `jpeg` (lossy, smallest), `png` (lossless), or `raw`:
+    the uint8 pixels themselves, HWC RGB, image_size x image_size x 3 bytes, no codec (lossless, same pixels
+    and hashes as `png`), and not zstd-compressed either. Raw rows are ~10x the bytes of JPEG q95 (49 KB at
+    128 px, 150 KB at 224 px; so is each element of the training shuffle buffer), but reading them is a copy,
+    not a decode: for GPU nodes where JPEG decoding is what limits the input side
+    (`benchmarks/bench_feeding.py`)."""
     jpeg_quality: int = 95
     """JPEG quality when encoding is `jpeg`."""
     color_constancy: Literal["none", "shades_of_gray"] = "none"
     """Colour normalisation applied to every image at ingest and, from the exported model's
     settings, at inference: `shades_of_gray` (p=6) removes camera and lighting colour casts."""
     rows_per_shard: int = 2048
-    """Images per Parquet shard."""
+    """Images per Parquet shard. The default suits JPEG (~10 MB shards at 128 px); a reader holds one
+    shard's images of its split at a time, so with `encoding: raw` (~10x the bytes) use ~4-8x fewer rows,
+    e.g. 512 at 224 px (~75 MB of pixels per shard)."""
     ingest_workers: int = 0
     """Processes decoding images during ingest; 0 uses every CPU."""
 

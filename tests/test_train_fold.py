@@ -77,7 +77,7 @@ def test_cli_train_one_fold_end_to_end(ham_config, capsys):
 
     table = read_columns(tmp / "dataset", ["image_id", "image"])
     by_id = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
-    x = np.stack([decode_image(by_id[r["image_id"]], 32).numpy() for r in preds[:4]])
+    x = np.stack([decode_image(by_id[r["image_id"]], 32, index.encoding).numpy() for r in preds[:4]])
     stored = np.array([[float(r[f"prob_{c}"]) for c in metrics["class_names"]] for r in preds[:4]])
     np.testing.assert_allclose(model.predict(x, verbose=0), stored, atol=1e-5)
 

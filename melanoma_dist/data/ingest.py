@@ -106,7 +106,7 @@ def ingest(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
         kept: list[int] = []  # indices of records that decoded, in row order
         with _image_map(prepare, paths, workers) as results:
             rows = _rows(records, labels, cfg.label_scheme, results, kept, skipped, progress, start)
-            shards = write_shards(rows, tmp, cfg.rows_per_shard)
+            shards = write_shards(rows, tmp, cfg.rows_per_shard, compress_images=cfg.encoding != "raw")
         elapsed = time.perf_counter() - start
         if not shards:
             raise ValueError(_nothing_ingested(cfg, skipped))
