@@ -300,17 +300,19 @@ def count_images(root: Path) -> int:
     return sum(1 for _ in root.rglob("*.jpg"))
 
 
-def dataset_dir(work_dir: Path, num_images: int, size: int) -> Path:
-    return work_dir / "datasets" / f"ham{num_images}-{size}px"
+def dataset_dir(work_dir: Path, num_images: int, size: int, encoding: str = "jpeg") -> Path:
+    """Where the dataset of `num_images` images at `size` px is cached (JPEG ones keep their old names)."""
+    return work_dir / "datasets" / f"ham{num_images}-{size}px{'' if encoding == 'jpeg' else '-' + encoding}"
 
 
-def ingest_tree(tree: Path, out: Path, size: int, workers: int = 0) -> dict[str, Any]:
+def ingest_tree(tree: Path, out: Path, size: int, workers: int = 0, encoding: str = "jpeg") -> dict[str, Any]:
     """Ingest the JPEG tree into Parquet shards at `size` px with our ingest; return timing and sizes."""
     from melanoma_dist.config import DataConfig, SourceConfig
     from melanoma_dist.data.ingest import ingest
 
     cfg = DataConfig(sources=(SourceConfig(kind="folder", path=str(tree), name="ham10000", label_type="melanoma"),),
-                     dataset_dir=str(out), label_scheme="melanoma", image_size=size, ingest_workers=workers)
+                     dataset_dir=str(out), label_scheme="melanoma", image_size=size, encoding=encoding,
+                     ingest_workers=workers)
     start = time.perf_counter()
     manifest = ingest(cfg, progress=False)
     seconds = time.perf_counter() - start
@@ -320,13 +322,13 @@ def ingest_tree(tree: Path, out: Path, size: int, workers: int = 0) -> dict[str,
             "workers": workers or len(os.sched_getaffinity(0))}
 
 
-def ensure_dataset(work_dir: Path, tree: Path, size: int) -> Path:
+def ensure_dataset(work_dir: Path, tree: Path, size: int, encoding: str = "jpeg") -> Path:
     """The Parquet dataset of `tree` at `size` px, ingesting it if it is not cached in `work_dir` yet."""
     n = count_images(tree)
-    out = dataset_dir(work_dir, n, size)
+    out = dataset_dir(work_dir, n, size, encoding)
     manifest = out / "manifest.json"
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("num_images") == n):
-        ingest_tree(tree, out, size)
+        ingest_tree(tree, out, size, encoding=encoding)
     return out
 
 

@@ -93,7 +93,8 @@ def external_auc(model_path: Path, scheme: str, dataset: Path, n_boot: int) -> s
     for path in shards.shard_paths(dataset):
         images = shards.read_images(path)
         for start in range(0, len(images), 256):
-            x = np.stack([decode(b, int(manifest["image_size"])) for b in images[start:start + 256]])
+            x = np.stack([decode(b, int(manifest["image_size"]), manifest["encoding"], str(dataset))
+                          for b in images[start:start + 256]])
             probs = probabilities(np.asarray(model(x, training=False)), len(class_names(scheme)))
             scores.append(probs[:, melanoma_index(scheme)])
     table = shards.read_columns(dataset, [shards.LABEL, shards.GROUP])

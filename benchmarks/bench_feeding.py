@@ -1,11 +1,12 @@
-"""Feeding a GPU: the input side per CPU core with augmentation in tf.data vs in the model; the XLA step.
+"""Feeding a GPU: the input side per CPU core with augmentation in tf.data vs in the model, JPEG vs raw shards.
 
 Question (issue 13): one H200 trains EfficientNet-Lite0 at 128 px at about 6,100 images/s.
 How many CPU cores does one rank's input side need to keep up, with the augmentation in
 tf.data (`pipeline.augment_on: pipeline`) and with it moved into the model (`model`: tf.data
-only reads, decodes and batches)? What does the augmentation cost per image when it runs
-in the model on this CPU, and does the XLA-compiled forward/backward pass (`train.jit_compile`)
-change the training step here?
+only reads, decodes and batches), from JPEG shards and from raw ones (`data.encoding: raw`:
+no decode, only a copy)? What does the augmentation cost per image when it runs in the model
+on this CPU, and does the XLA-compiled forward/backward pass (`train.jit_compile`) change the
+training step here?
 
     python benchmarks/bench_feeding.py                   # 128 and 224 px, 4,096 HAM10000 images
     python benchmarks/bench_feeding.py --sizes 128 --repeats 5
@@ -13,20 +14,23 @@ change the training step here?
 
 How (one process, same images, same run):
 
-- Data: HAM10000 JPEGs ingested into Parquet at each size (cached in the work dir), the
-  config's batch size and augmentation (`full.yaml`, as bench_pipeline.py above 64 px).
-- (a) input side with augmentation in tf.data, (b) with augmentation in the model: the real
-  `pipeline.make_dataset(training=True)` with 1 parallel call and a tf.data CPU budget of 1.
-  Per core = 1000 / (process CPU ms per image, all threads): CPU time is what a core
-  pays, and it moves much less than wall time on a shared machine. Wall img/s is recorded too.
+- Data: HAM10000 JPEGs ingested into Parquet at each size twice, as JPEG q95 and as raw
+  pixels (cached in the work dir), the config's batch size and augmentation (`full.yaml`, as
+  bench_pipeline.py above 64 px). Shard bytes per image of both are recorded.
+- (a) input side from JPEG shards with augmentation in tf.data, (b) from JPEG shards with
+  augmentation in the model, (c) from raw shards with augmentation in the model: the real
+  `pipeline.make_dataset(training=True)` with 1 parallel call and a tf.data CPU budget of 1,
+  the three interleaved (ABC CBA ...). Per core = 1000 / (process CPU ms per image, all
+  threads): CPU time is what a core pays, and it moves much less than wall time on a shared
+  machine. Wall img/s is recorded too.
 - (c) training step: `TrainingModel` around the config's CNN, fed one constant in-memory
   batch, Keras' step vs the XLA forward/backward (`jit_gradients=True`), plain Adam (the
   Horovod allreduce, outside XLA either way, is bench_horovod.py's subject).
 - (d) the model-side augmentation alone: `build_augmenter` layers on in-memory batches, CPU ms
   per image (on a GPU this moves to the accelerator).
-- Derived: cores one rank needs at 6,100 img/s (128 px), and the img/s the input side of a
-  2-, 16- and 96-core node sustains (per-core rate x cores: decode scales with cores, as
-  tf.data's parallel map does; memory bandwidth and Parquet reads are assumed not to bind).
+- Derived: cores one rank needs at 6,100 img/s (128 px) for each case, and the img/s the input
+  side of a 2-, 16- and 96-core node sustains (per-core rate x cores: decode scales with cores,
+  as tf.data's parallel map does; memory bandwidth and Parquet reads are assumed not to bind).
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ GPU_IMAGES_PER_S = 6100.0
 NODE_CORES = (2, 16, 96)
 TARGETS = {128: 3000.0, 224: 1200.0}
 """Input side with augmentation in the model, img/s per core (issue 13)."""
-PLACEMENTS = ("pipeline", "model")
+CASES: dict[str, tuple[str, str]] = {"pipeline": ("jpeg", "pipeline"), "model": ("jpeg", "model"),
+                                     "raw_model": ("raw", "model")}
+"""Input-side cases: key in the result file -> (shard encoding, augmentation placement). The JPEG cases keep
+the keys of earlier result files (`scaling_model.py` reads them)."""
+ENCODINGS = ("jpeg", "raw")
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -141,9 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     n = count_images(tree)
     report = Report("bench_feeding", smoke, {"sizes": sizes, "repeats": repeats, "images_in_dataset": n,
                                              "measure_images": measure_images, "train_images": train_images,
-                                             "gpu_images_per_s": GPU_IMAGES_PER_S, "node_cores": NODE_CORES})
+                                             "cases": CASES, "gpu_images_per_s": GPU_IMAGES_PER_S,
+                                             "node_cores": NODE_CORES})
     print_environment(report.env)
-    datasets = {size: ensure_dataset(work, tree, size) for size in sizes}  # ingest forks: before TensorFlow
+    datasets = {(size, enc): ensure_dataset(work, tree, size, enc)  # ingest forks: before TensorFlow
+                for size in sizes for enc in ENCODINGS}
 
     import numpy as np
 
@@ -151,53 +161,71 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, Any] = {}
     for size in sizes:
-        cfg, cfg_name = bench_config(size, datasets[size], work / "unused", ["pipeline.batch_size=8"] if smoke else [])
-        index = RowIndex.load(cfg.data.dataset_dir)
-        rows = np.arange(len(index), dtype=np.int64)
+        cfg, cfg_name = bench_config(size, datasets[size, "jpeg"], work / "unused",
+                                     ["pipeline.batch_size=8"] if smoke else [])
+        indices = {enc: RowIndex.load(datasets[size, enc]) for enc in ENCODINGS}
+        rows = np.arange(len(indices["jpeg"]), dtype=np.int64)
         warmup = 1 if smoke else max(3, math.ceil(256 / cfg.pipeline.batch_size))
         print(f"== {size}px ({cfg_name}: batch {cfg.pipeline.batch_size})", flush=True)
-        runs: dict[str, list[dict[str, float]]] = {p: [] for p in PLACEMENTS}
+        runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
         for r in range(repeats):
-            for placement in PLACEMENTS if r % 2 == 0 else reversed(PLACEMENTS):  # ABBA: drift cancels
-                m = input_rate(index, rows, cfg, size, placement, 1234 + r, warmup, measure_images)
-                runs[placement].append(m)
-                print(f"   {size}px input, augmentation in the {placement:8s} {m['images_per_s']:8.1f} img/s wall "
-                      f"{m['per_core_images_per_s']:8.1f} img/s per core ({m['cpu_ms_per_image']:.3f} CPU ms/img)",
-                      flush=True)
+            for case in CASES if r % 2 == 0 else reversed(CASES):  # ABC CBA: drift cancels
+                enc, placement = CASES[case]
+                m = input_rate(indices[enc], rows, cfg, size, placement, 1234 + r, warmup, measure_images)
+                runs[case].append(m)
+                print(f"   {size}px input, {enc:4s} shards, augmentation in the {placement:8s} "
+                      f"{m['images_per_s']:8.1f} img/s wall {m['per_core_images_per_s']:8.1f} img/s per core "
+                      f"({m['cpu_ms_per_image']:.3f} CPU ms/img)", flush=True)
         per_size: dict[str, Any] = {"config": cfg_name, "batch_size": cfg.pipeline.batch_size, "input": {
-            p: {"runs": ms, "per_core_images_per_s": median([m["per_core_images_per_s"] for m in ms]),
-                "images_per_s": median([m["images_per_s"] for m in ms])} for p, ms in runs.items()}}
+            case: {"encoding": CASES[case][0], "augment_on": CASES[case][1], "runs": ms,
+                   "per_core_images_per_s": median([m["per_core_images_per_s"] for m in ms]),
+                   "images_per_s": median([m["images_per_s"] for m in ms])} for case, ms in runs.items()}}
+        per_size["shard_bytes_per_image"] = {
+            enc: sum(p.stat().st_size for p in datasets[size, enc].glob("shard-*.parquet")) / len(rows)
+            for enc in ENCODINGS}
         per_size["augment_in_model_cpu_ms_per_image"] = augment_cost(cfg, size, 2 if smoke else 20)
         per_size["training"] = train_step_rates(cfg, size, train_images) if size in train_sizes else None
         results[str(size)] = per_size
 
         inp, tr = per_size["input"], per_size["training"]
-        a, b = inp["pipeline"]["per_core_images_per_s"], inp["model"]["per_core_images_per_s"]
-        report.row(f"{size}px input side per core: augmentation in the model vs in tf.data", b, a, "img/s/core",
-                   ratio_label="model/pipeline", target=f">= {TARGETS[size]:,.0f} (model)" if size in TARGETS else "",
+        a, b, c = (inp[case]["per_core_images_per_s"] for case in ("pipeline", "model", "raw_model"))
+        target = f">= {TARGETS[size]:,.0f} (model)" if size in TARGETS else ""
+        report.row(f"{size}px input side per core, JPEG shards: augmentation in the model vs in tf.data", b, a,
+                   "img/s/core", ratio_label="model/pipeline", target=target,
                    met=b >= TARGETS[size] if size in TARGETS else None)
-        report.row(f"{size}px input side, 1 parallel call, wall: in the model vs in tf.data",
+        report.row(f"{size}px input side per core, augmentation in the model: raw vs JPEG shards", c, b, "img/s/core",
+                   ratio_label="raw/jpeg", target=target, met=c >= TARGETS[size] if size in TARGETS else None)
+        report.row(f"{size}px input side, 1 parallel call, wall: in the model vs in tf.data (JPEG)",
                    inp["model"]["images_per_s"], inp["pipeline"]["images_per_s"], "img/s", ratio_label="model/pipeline")
+        report.row(f"{size}px input side, 1 parallel call, wall, augmentation in the model: raw vs JPEG",
+                   inp["raw_model"]["images_per_s"], inp["model"]["images_per_s"], "img/s", ratio_label="raw/jpeg")
+        report.row(f"{size}px shard bytes per image: raw (uncompressed) vs JPEG q95 (zstd)",
+                   per_size["shard_bytes_per_image"]["raw"], per_size["shard_bytes_per_image"]["jpeg"], "bytes",
+                   ratio_label="raw/jpeg")
         report.row(f"{size}px augmentation in the model, on this CPU", per_size["augment_in_model_cpu_ms_per_image"],
                    None, "CPU ms/img")
         if tr is not None:
             report.row(f"{size}px training step: XLA forward/backward vs Keras' step (compute only)",
                        tr["xla_step"]["images_per_s"], tr["keras_step"]["images_per_s"], "img/s",
                        ratio_label="xla/keras")
-        per_size["cores_per_gpu"] = {p: GPU_IMAGES_PER_S / inp[p]["per_core_images_per_s"] for p in PLACEMENTS}
-        report.row(f"{size}px cores one rank needs for {GPU_IMAGES_PER_S:,.0f} img/s: augmentation in the model vs "
-                   "tf.data", per_size["cores_per_gpu"]["model"], per_size["cores_per_gpu"]["pipeline"], "cores",
-                   ratio_label="model/pipeline")
-        per_size["node_images_per_s"] = {p: {c: c * inp[p]["per_core_images_per_s"] for c in NODE_CORES}
-                                         for p in PLACEMENTS}
-        for c in NODE_CORES:
-            report.row(f"{size}px input side of a {c}-core node: augmentation in the model vs tf.data",
-                       per_size["node_images_per_s"]["model"][c], per_size["node_images_per_s"]["pipeline"][c],
-                       "img/s", ratio_label="model/pipeline")
+        per_size["cores_per_gpu"] = {case: GPU_IMAGES_PER_S / inp[case]["per_core_images_per_s"] for case in CASES}
+        report.row(f"{size}px cores one rank needs for {GPU_IMAGES_PER_S:,.0f} img/s, JPEG shards: augmentation in "
+                   "the model vs tf.data", per_size["cores_per_gpu"]["model"], per_size["cores_per_gpu"]["pipeline"],
+                   "cores", ratio_label="model/pipeline")
+        report.row(f"{size}px cores one rank needs for {GPU_IMAGES_PER_S:,.0f} img/s, augmentation in the model: "
+                   "raw vs JPEG shards", per_size["cores_per_gpu"]["raw_model"], per_size["cores_per_gpu"]["model"],
+                   "cores", ratio_label="raw/jpeg")
+        per_size["node_images_per_s"] = {case: {n: n * inp[case]["per_core_images_per_s"] for n in NODE_CORES}
+                                         for case in CASES}
+        for n in NODE_CORES:
+            report.row(f"{size}px input side of a {n}-core node, augmentation in the model: raw vs JPEG shards",
+                       per_size["node_images_per_s"]["raw_model"][n], per_size["node_images_per_s"]["model"][n],
+                       "img/s", ratio_label="raw/jpeg")
     report.results = {"sizes": results}
     report.notes.append("per core = 1000 / process CPU ms per image with 1 parallel call; node = per core x cores "
                         "(decode scales with cores; memory bandwidth and Parquet reads assumed not to bind); "
-                        f"{GPU_IMAGES_PER_S:,.0f} img/s = one H200 on EfficientNet-Lite0 at 128 px (issue 13)")
+                        f"{GPU_IMAGES_PER_S:,.0f} img/s = one H200 on EfficientNet-Lite0 at 128 px (issue 13); "
+                        "raw = `data.encoding: raw` shards (uint8 pixels, no decode), JPEG = q95 4:4:4")
     report.write(args.out_dir)
 
 

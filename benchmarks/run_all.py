@@ -34,7 +34,8 @@ TITLES = {
     "bench_horovod": "2. Horovod overhead and scaling",
     "bench_ray": "3. Ray fold scheduling",
     "bench_memory": "4. Peak memory of a training worker",
-    "bench_feeding": "1b. Feeding a GPU: input side per core, augmentation in tf.data vs in the model; XLA step",
+    "bench_feeding": "1b. Feeding a GPU: input side per core, augmentation in tf.data vs in the model, JPEG vs raw "
+                     "shards; XLA step",
     "scaling_model": "5. Scaling on paper (model, not measurement)",
 }
 

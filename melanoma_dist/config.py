@@ -117,8 +117,13 @@ class DataConfig:
     resize: Literal["crop", "pad"] = "crop"
     """Keep the aspect ratio by a center crop to a square (default; the lesion is
     centred in dermoscopy) or by padding with black."""
-    encoding: Literal["jpeg", "png"] = "jpeg"
-    """How resized images are encoded in the shards."""
+    encoding: Literal["jpeg", "png", "raw"] = "jpeg"
+    """How resized images are stored in the shards: `jpeg` (lossy, smallest), `png` (lossless), or `raw`:
+    the uint8 pixels themselves, HWC RGB, image_size x image_size x 3 bytes, no codec (lossless, same pixels
+    and hashes as `png`), and not zstd-compressed either. Raw rows are ~10x the bytes of JPEG q95 (49 KB at
+    128 px, 150 KB at 224 px; so is each element of the training shuffle buffer), but reading them is a copy,
+    not a decode: for GPU nodes where JPEG decoding is what limits the input side
+    (`benchmarks/bench_feeding.py`)."""
     jpeg_quality: int = 95
     """JPEG quality when encoding is `jpeg`."""
     color_constancy: Literal["none", "shades_of_gray"] = "none"
@@ -127,9 +132,9 @@ class DataConfig:
     rows_per_shard: int = 2048
     """Images per Parquet shard at most."""
     shard_bytes: int = 64 * 2**20
-    """Encoded image bytes per Parquet shard at most (64 MiB): with large images a shard holds
-    fewer than rows_per_shard rows. Training reads a worker's rows of one shard at a time,
-    so this bounds its memory whatever the image size."""
+    """Stored image bytes per Parquet shard at most (64 MiB): with large images, or with
+    `encoding: raw` (~10x JPEG's bytes), a shard holds fewer than rows_per_shard rows. Training
+    reads a worker's rows of one shard at a time, so this bounds its memory whatever the image size."""
     ingest_workers: int = 0
     """Processes decoding images during ingest with the local engine; 0 uses every CPU."""
     ingest_engine: Literal["auto", "local", "ray"] = "auto"

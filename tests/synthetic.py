@@ -29,14 +29,17 @@ def write_class_folders(root: Path, n_per_class: dict[str, int], size: int = 24,
 
 
 def make_dataset(tmp: Path, n_per_class: dict[str, int] | None = None, image_size: int = 16,
-                 k: int = 2, seed: int = 0) -> DataConfig:
-    """Ingest a generated melanoma-vs-other collection into `tmp/dataset` and make k folds."""
+                 k: int = 2, seed: int = 0, encoding: str = "png") -> DataConfig:
+    """Ingest a generated melanoma-vs-other collection into `tmp/dataset` and make k folds.
+
+    The same arguments give the same images, whatever the `encoding` they are stored in.
+    """
     n_per_class = n_per_class or {"other": 24, "melanoma": 16}
     root = write_class_folders(tmp / "images", n_per_class, seed=seed)
     cfg = DataConfig(sources=(SourceConfig(kind="folder", path=str(root), name="synthetic",
                                            label_type="melanoma"),),
                      dataset_dir=str(tmp / "dataset"), label_scheme="melanoma", image_size=image_size,
-                     encoding="png", rows_per_shard=7, ingest_workers=1)
+                     encoding=encoding, rows_per_shard=7, ingest_workers=1)
     ingest(cfg, progress=False)
     make_folds(cfg.dataset_dir, k, seed=42)
     return cfg

@@ -5,8 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
+from melanoma_dist.report import plots
 from melanoma_dist.report.audit import (ImageSet, audit_set, audit_train_test, hamming_pairs, phash_ints,
-                                        read_images_by_id)
+                                        read_images_by_id, read_pixels_by_id)
 from tests.synthetic import make_dataset
 
 
@@ -79,6 +80,17 @@ def test_audit_of_an_ingested_dataset_with_a_copied_image(tmp_path):
     assert set(images) == {"img_other_copy", "img_melanoma_005"} and images["img_other_copy"][:4] == b"\x89PNG"
     with pytest.raises(KeyError):
         read_images_by_id(data.dataset_dir, ["nope"])
+
+
+def test_stored_pixels_read_alike_from_png_and_raw_datasets(tmp_path):
+    """The reports' reader of stored images (near-duplicate figures) decodes as each dataset's manifest says."""
+    ids = ["img_other_000", "img_melanoma_003"]
+    png, raw = (read_pixels_by_id(make_dataset(tmp_path / enc, n_per_class={"other": 2, "melanoma": 4},
+                                               encoding=enc).dataset_dir, ids) for enc in ("png", "raw"))
+    for image_id in ids:
+        assert png[image_id].shape == (16, 16, 3) and png[image_id].dtype == np.uint8
+        np.testing.assert_array_equal(raw[image_id], png[image_id])
+    assert plots.image_pairs(tmp_path / "pairs.png", [(raw[ids[0]], raw[ids[1]], "a | b")]).is_file()
 
 
 def test_audit_cli(tmp_path, capsys):

@@ -16,9 +16,9 @@ from tests.synthetic import write_class_folders
 pytestmark = pytest.mark.integration
 
 
-def _ingest_folder(root, out, label_type="melanoma", size=16):
+def _ingest_folder(root, out, label_type="melanoma", size=16, encoding="png"):
     cfg = DataConfig(sources=(SourceConfig(kind="folder", path=str(root), name=root.name, label_type=label_type),),
-                     dataset_dir=str(out), label_scheme=label_type, image_size=size, encoding="png",
+                     dataset_dir=str(out), label_scheme=label_type, image_size=size, encoding=encoding,
                      rows_per_shard=8, ingest_workers=1)
     ingest(cfg, progress=False)
     return out
@@ -32,9 +32,12 @@ def model_copy(exported_model, tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def external(cv_result, tmp_path_factory):
+@pytest.fixture(scope="module", params=["png", "raw"])
+def external(cv_result, tmp_path_factory, request):
     """14 new generated images, plus an exact and a near copy (4 grey levels brighter) of training images.
+
+    Stored as PNG, like the training set, and as raw pixels: the same pixels, read by every reader
+    of stored images (inference, the duplicate audit's thumbnails).
 
     (The generated images are pure noise, so a re-encoded copy would not stay near: its
     compression noise is as strong as their content. A brightness shift keeps the structure.)
@@ -45,7 +48,7 @@ def external(cv_result, tmp_path_factory):
     shutil.copy(train / "melanoma" / "img_melanoma_001.png", root / "melanoma" / "copy_exact.png")
     px = np.asarray(Image.open(train / "other" / "img_other_002.png"), dtype=np.int16)
     Image.fromarray(np.clip(px + 4, 0, 255).astype(np.uint8)).save(root / "other" / "copy_near.png")
-    return _ingest_folder(root, tmp / "ext-ds")
+    return _ingest_folder(root, tmp / f"ext-ds-{request.param}", encoding=request.param)
 
 
 def test_evaluate_reports_all_and_deduplicated(model_copy, external):
@@ -64,10 +67,11 @@ def test_evaluate_reports_all_and_deduplicated(model_copy, external):
     assert dedup["sensitivity"]["estimate"] == pytest.approx(c["tp"] / (c["tp"] + c["fn"]))
     assert ev["threshold"] == json.loads((model_copy / "model.json").read_text())["operating_point"]["threshold"]
     assert ev["metrics"]["classification_all"]["num_samples"] == 16  # same scheme: full metrics too
-    out = model_copy / "evaluations" / "ext-ds"
+    assert ev["preprocessing_notes"] == []  # raw and png (the training set's) store the same pixels
+    out = model_copy / "evaluations" / external.name
     assert (out / "evaluation.json").is_file() and (out / "roc.png").is_file()
     card = (model_copy / "model_card.md").read_text()
-    assert "### ext-ds" in card and "near-duplicates of training removed" in card
+    assert f"### {external.name}" in card and "near-duplicates of training removed" in card
 
 
 def test_evaluate_isic_subset_with_the_melanoma_scheme(model_copy, isic_subset, tmp_path, capsys):

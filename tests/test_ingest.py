@@ -6,6 +6,7 @@ import shutil
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -14,6 +15,7 @@ from melanoma_dist.data import ingest as ingest_module
 from melanoma_dist.data.ingest import ingest
 from melanoma_dist.data.shards import COLUMNS, MANIFEST, load_manifest, read_columns, read_images, shard_paths
 from melanoma_dist.data.sources import MISSING_IMAGE
+from tests.synthetic import write_class_folders
 
 
 def _ham(path, **kw) -> SourceConfig:
@@ -137,6 +139,28 @@ def test_bad_inputs_are_skipped_or_converted(tmp_path, real_jpeg):
     assert px["palette"][10, 2].tolist() == [0, 0, 0] and px["palette"][10, 17].tolist() == [0, 255, 0]
     assert np.abs(px["cmyk"][10, 10] - [255, 0, 0]).max() <= 8
     assert px["gray16"][10, 0].tolist() == [0, 0, 0] and px["gray16"][10, 19].tolist() == [255, 255, 255]
+
+
+def test_raw_encoding_stores_the_png_pixels_and_hashes(tmp_path):
+    """`encoding: raw` keeps exactly the pixels PNG keeps, with the same hashes (duplicate detection)."""
+    root = write_class_folders(tmp_path / "images", {"other": 3, "melanoma": 2}, size=24)
+    source = SourceConfig(kind="folder", path=str(root), name="synthetic", label_type="melanoma")
+    stored = {}
+    for encoding in ("png", "raw"):
+        cfg = _data(tmp_path, source, name=encoding, encoding=encoding, image_size=16, rows_per_shard=2,
+                    ingest_workers=1)
+        assert ingest(cfg, progress=False)["encoding"] == encoding
+        stored[encoding] = read_columns(cfg.dataset_dir, ["image_id", "image", "pixel_sha256", "phash"]).to_pydict()
+    png, raw = stored["png"], stored["raw"]
+    assert raw["image_id"] == png["image_id"] and len(raw["image_id"]) == 5
+    assert raw["pixel_sha256"] == png["pixel_sha256"] and raw["phash"] == png["phash"]
+    assert {len(b) for b in raw["image"]} == {16 * 16 * 3}
+    # Raw pixels are stored without zstd: raw shards are for readers with no CPU to spare.
+    meta = pq.ParquetFile(shard_paths(tmp_path / "raw")[0]).metadata.row_group(0)
+    assert meta.column(COLUMNS.index("image")).compression == "UNCOMPRESSED"
+    for png_bytes, raw_bytes in zip(png["image"], raw["image"]):
+        pixels = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+        np.testing.assert_array_equal(np.frombuffer(raw_bytes, np.uint8).reshape(16, 16, 3), pixels)
 
 
 def test_multi_source_melanoma_scheme(ham_subset, isic_subset, tmp_path, read_csv):

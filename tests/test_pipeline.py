@@ -1,14 +1,22 @@
-"""The tf.data pipeline: per-worker shards, augmentation in training only."""
+"""The tf.data pipeline: per-worker shards, augmentation in training only, every stored encoding."""
+
+import re
+import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import tensorflow as tf
 
 from melanoma_dist.config import AugmentConfig, PipelineConfig
+from melanoma_dist.data import shards
 from melanoma_dist.data.folds import load_folds
+from melanoma_dist.data.images import decode_stored
 from melanoma_dist.data.shards import SCHEMA, SCHEMA_VERSION, write_manifest, write_shards
-from melanoma_dist.data.pipeline import (RowIndex, make_dataset, split_rows, steps_per_epoch,
+from melanoma_dist.data.pipeline import (RowIndex, decode_image, make_dataset, split_rows, steps_per_epoch,
                                          worker_rows)
+from melanoma_dist.inference.images import decode
 from tests.synthetic import make_dataset as make_synthetic
 
 NO_AUGMENT = AugmentConfig(rotation=0.0, zoom=0.0, horizontal_flip=False)
@@ -18,6 +26,13 @@ PLAIN = PipelineConfig(batch_size=4, augment=NO_AUGMENT)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     cfg = make_synthetic(tmp_path_factory.mktemp("pipeline"))
+    return cfg, RowIndex.load(cfg.dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def raw_dataset(tmp_path_factory):
+    """The images of `dataset` (same generator arguments), stored as raw pixels."""
+    cfg = make_synthetic(tmp_path_factory.mktemp("pipeline-raw"), encoding="raw")
     return cfg, RowIndex.load(cfg.dataset_dir)
 
 
@@ -130,3 +145,40 @@ def test_empty_rows(dataset):
         make_dataset(index, np.array([], dtype=np.int64), PLAIN, 16, training=False)
     with pytest.raises(ValueError, match="rank must be in"):
         worker_rows(np.arange(4), 2, 2)
+
+
+def test_raw_and_png_shards_give_identical_batches(dataset, raw_dataset):
+    (_, png), (_, raw) = dataset, raw_dataset
+    assert (png.encoding, raw.encoding) == ("png", "raw")
+    assert list(raw.image_ids) == list(png.image_ids)
+    rows = np.arange(len(png))
+    for training, cfg in ((False, PLAIN), (True, PipelineConfig(batch_size=4))):  # eval; uint8 training stream
+        a = make_dataset(png, rows, cfg, 16, training=training, seed=5)
+        b = make_dataset(raw, rows, cfg, 16, training=training, seed=5)
+        for (xa, ya), (xb, yb) in zip(a.take(12), b.take(12), strict=True):
+            assert xa.dtype == xb.dtype
+            np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_raw_image_of_wrong_length_fails_naming_the_dataset(raw_dataset, tmp_path):
+    """Every reader of stored raw bytes: the tf.data pipeline, inference's decode, the reports' decode."""
+    cfg, _ = raw_dataset
+    bad = tmp_path / "bad-raw"
+    shutil.copytree(cfg.dataset_dir, bad)
+    path = shards.shard_paths(bad)[0]
+    table = pq.read_table(path)
+    images = table.column(shards.IMAGE).to_pylist()
+    short = images[1] = images[1][:-5]  # e.g. a shard written at another size
+    i = table.schema.get_field_index(shards.IMAGE)
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(images, pa.binary())), path)
+
+    index = RowIndex.load(bad)
+    wrong = "763 bytes, not 768 bytes.*ingest the dataset again"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"in {re.escape(str(path))} is {wrong}"):
+        list(make_dataset(index, np.arange(len(index)), PLAIN, 16, training=False))
+    for read in (lambda: decode(short, 16, "raw", str(bad)), lambda: decode_stored(short, "raw", 16, str(bad))):
+        with pytest.raises(ValueError, match=f"in {re.escape(str(bad))} is {wrong}"):
+            read()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"in {re.escape(str(bad))} is not 768 bytes"):
+        decode_image(tf.constant(short), 16, "raw", str(bad))  # the graph-side check of single images

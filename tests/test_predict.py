@@ -66,5 +66,5 @@ def test_file_preprocessing_equals_the_stored_training_image(exported_model, cv_
     model = Ensemble.load(exported_model)
     stored = read_images_by_id(cv_result.data.dataset_dir, ["img_other_003"])["img_other_003"]
     from_file = load_file(cv_result.images_dir / "other" / "img_other_003.png", model.spec["input"])
-    np.testing.assert_array_equal(from_file, decode(stored, 16))
+    np.testing.assert_array_equal(from_file, decode(stored, 16, model.spec["input"]["encoding"]))
     assert from_file.shape == (16, 16, 3) and from_file.dtype == np.float32 and from_file.max() <= 1.0

@@ -59,7 +59,8 @@ def test_cli_train_one_fold_end_to_end(ham_config, capsys):
 
     # The whole validation fold is scored, each image once, with the 7 HAM classes.
     folds = load_folds(tmp / "dataset", 2, 0)
-    image_ids = np.asarray(RowIndex.load(tmp / "dataset").image_ids.to_pylist())
+    index = RowIndex.load(tmp / "dataset")
+    image_ids = np.asarray(index.image_ids.to_pylist())
     expected_ids = sorted(image_ids[folds == 1])
     with (out / "predictions.csv").open() as f:
         preds = list(csv.DictReader(f))
@@ -77,7 +78,7 @@ def test_cli_train_one_fold_end_to_end(ham_config, capsys):
 
     table = read_columns(tmp / "dataset", ["image_id", "image"])
     by_id = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
-    x = np.stack([decode_image(by_id[r["image_id"]], 32).numpy() for r in preds[:4]])
+    x = np.stack([decode_image(by_id[r["image_id"]], 32, index.encoding).numpy() for r in preds[:4]])
     stored = np.array([[float(r[f"prob_{c}"]) for c in metrics["class_names"]] for r in preds[:4]])
     np.testing.assert_allclose(model.predict(x, verbose=0), stored, atol=1e-5)
 

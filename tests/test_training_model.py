@@ -201,7 +201,7 @@ def test_saved_fold_models_hold_no_augmentation_with_either_placement(fold_model
         by_id = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
         with (fold_models[placement] / "predictions.csv").open() as f:
             preds = list(csv.DictReader(f))
-        x = np.stack([decode_image(by_id[r["image_id"]], 16).numpy() for r in preds])
+        x = np.stack([decode_image(by_id[r["image_id"]], 16, "png").numpy() for r in preds])
         np.testing.assert_allclose(model.predict(x, verbose=0)[:, 0], [float(r["prob_melanoma"]) for r in preds],
                                    atol=1e-5)
     # One inference graph whatever the placement: the same layers, and the same outputs from the same weights.

@@ -90,7 +90,7 @@ def settings(values: Mapping[str, Any], keys: Iterable[str] = SETTINGS) -> dict[
     """The shaping settings in `values` (a `data` config or a manifest); absent ones were their default."""
     out = with_defaults(values, keys)
     if out.get("encoding", "jpeg") != "jpeg" and "jpeg_quality" in out:
-        out["jpeg_quality"] = None  # PNG ignores it: changing it must not trigger a new ingest
+        out["jpeg_quality"] = None  # PNG and raw ignore it: changing it must not trigger a new ingest
     return out
 
 

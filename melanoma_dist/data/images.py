@@ -1,4 +1,4 @@
-"""Decode, check, hash, square-resize and re-encode one image file.
+"""Decode, check, hash, square-resize and re-encode one image file; decode stored images for reports.
 
 `prepare_image` is the only image code ingest runs; everything that can be wrong with an
 input file (empty, not an image, truncated, a decompression bomb, too small, a broken
@@ -13,6 +13,10 @@ Colour conversion to RGB:
 - 16-bit and 32-bit integer or float (`I;16`, `I;16B`, `I`, `F`): stretched linearly
   from the image's own min..max to 0..255 (clipping at 255 would turn most 16-bit
   images white); a constant image becomes black.
+
+Stored encodings (`data.encoding`): `jpeg`, `png`, or `raw`, the uint8 pixels themselves
+(HWC RGB, `size * size * 3` bytes, no codec). The hashes are of the original image, so
+they do not depend on the encoding.
 
 Example:
 
@@ -51,6 +55,11 @@ HASH_SIZE = 8
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 
+Encoding = Literal["jpeg", "png", "raw"]
+LOSSLESS_ENCODINGS = frozenset({"png", "raw"})
+"""Encodings that store the resized pixels exactly: datasets in either hold the same images."""
+_REINGEST = "ingest the dataset again (`melanoma-dist ingest --config <your config>`)"
+
 
 class BadImageError(ValueError):
     """The file cannot be used as an image; `reason` says why."""
@@ -65,7 +74,7 @@ class PreparedImage:
     """A resized, encoded image and the hashes of its original pixels."""
 
     data: bytes
-    """The encoded (JPEG or PNG) `size`x`size` RGB image."""
+    """The encoded (JPEG or PNG) or raw (uint8 HWC) `size`x`size` RGB image."""
     pixel_sha256: str
     """SHA-256 of the RGB pixels at original resolution and their shape: equal only for identical images."""
     phash: str
@@ -77,7 +86,7 @@ class PreparedImage:
 
 
 def prepare_image(path: str | Path, size: int, resize: Literal["crop", "pad"] = "crop",
-                  encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95,
+                  encoding: Encoding = "jpeg", jpeg_quality: int = 95,
                   color_constancy: Literal["none", "shades_of_gray"] = "none") -> PreparedImage:
     """Decode an image file, hash it, make it a `size`x`size` RGB square and encode it.
 
@@ -85,7 +94,7 @@ def prepare_image(path: str | Path, size: int, resize: Literal["crop", "pad"] = 
         path: the image file.
         size: side of the output square in pixels.
         resize: `crop` to the centred square, or `pad` to a square with black. Defaults to `"crop"`.
-        encoding: `jpeg` or `png`. Defaults to `"jpeg"`.
+        encoding: `jpeg`, `png` or `raw` (uint8 pixels, no codec). Defaults to `"jpeg"`.
         jpeg_quality: JPEG quality (1-100). Defaults to `95`.
         color_constancy: `shades_of_gray` white-balances the resized image (see
             `shades_of_gray`); `none` keeps its colours. Defaults to `"none"`.
@@ -264,20 +273,76 @@ def shades_of_gray(rgb: Image.Image, power: int = 6) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(a * gain, 0, 255)).astype(np.uint8))
 
 
-def encode(rgb: Image.Image, encoding: Literal["jpeg", "png"] = "jpeg", jpeg_quality: int = 95) -> bytes:
+def encode(rgb: Image.Image, encoding: Encoding = "jpeg", jpeg_quality: int = 95) -> bytes:
     """Encode an RGB image with fixed settings, so that the same pixels give the same bytes.
 
     JPEG keeps full-resolution colour (4:4:4, no chroma subsampling): lesion colour is
-    diagnostic and the images are small. No EXIF or ICC data is written.
+    diagnostic and the images are small. No EXIF or ICC data is written. `raw` is the
+    pixels as they are in memory: rows of RGB triplets (HWC, uint8).
 
     Raises:
-        ValueError: `encoding` is not `jpeg` or `png`.
+        ValueError: `encoding` is not `jpeg`, `png` or `raw`.
     """
+    if encoding == "raw":
+        return rgb.tobytes()  # mode RGB: height x width x 3 bytes, row-major
     buf = io.BytesIO()
     if encoding == "jpeg":
         rgb.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0, optimize=False, progressive=False)
     elif encoding == "png":
         rgb.save(buf, format="PNG", optimize=False, compress_level=6)
     else:
-        raise ValueError(f"encoding must be 'jpeg' or 'png', got {encoding!r}")
+        raise ValueError(f"encoding must be 'jpeg', 'png' or 'raw', got {encoding!r}")
     return buf.getvalue()
+
+
+def raw_size(image_size: int) -> int:
+    """Bytes of one stored `raw` image: image_size x image_size x 3."""
+    return image_size * image_size * 3
+
+
+def raw_length_error(image_size: int, where: str, length: int | None = None) -> str:
+    """The message for a stored raw image of the wrong length: `where` it is (a dataset or a shard), its `length`."""
+    got = f"is {length} bytes, not" if length is not None else "is not"
+    return (f"a stored image in {where or 'the dataset'} {got} {raw_size(image_size)} bytes "
+            f"({image_size}x{image_size}x3 uint8, encoding raw): the shards were written with another image "
+            f"size or encoding than read with; {_REINGEST}")
+
+
+def check_raw_length(data: bytes, image_size: int, dataset: str = "") -> None:
+    """Check that raw image bytes are one `image_size` square of RGB pixels.
+
+    Raises:
+        ValueError: they are not; the message names the dataset and says to ingest it again.
+    """
+    if len(data) != raw_size(image_size):
+        raise ValueError(raw_length_error(image_size, dataset, len(data)))
+
+
+def decode_stored(data: bytes, encoding: str, image_size: int, dataset: str = "") -> np.ndarray:
+    """Stored image bytes as uint8 [image_size, image_size, 3] RGB, with Pillow (reports, audits).
+
+    Training and inference decode with TensorFlow instead (`data.pipeline.decode_image`), whose
+    JPEG decoding need not match Pillow's bit for bit; `png` and `raw` give the same pixels in both.
+
+    Args:
+        data: One image's bytes from the shards.
+        encoding: The dataset's `encoding` (from its manifest).
+        image_size: The dataset's `image_size`.
+        dataset: Named in errors. Defaults to `""`.
+
+    Raises:
+        ValueError: a raw image of the wrong length, or bytes that do not decode to an `image_size` square.
+    """
+    if encoding == "raw":
+        check_raw_length(data, image_size, dataset)
+        return np.frombuffer(data, np.uint8).reshape(image_size, image_size, 3)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            out = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"a stored image in {dataset or 'the dataset'} does not decode as {encoding}: {e}; "
+                         f"{_REINGEST}") from None
+    if out.shape != (image_size, image_size, 3):
+        raise ValueError(f"a stored image in {dataset or 'the dataset'} is {out.shape[1]}x{out.shape[0]} px, "
+                         f"not {image_size}x{image_size}: {_REINGEST}")
+    return out

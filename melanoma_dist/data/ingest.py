@@ -123,7 +123,8 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
         mapping = ray_image_map(prepare, paths, address) if on_ray else _image_map(prepare, paths, workers)
         with mapping as results:
             rows = _rows(records, labels, cfg.label_scheme, results, kept, skipped, progress, start)
-            shards = write_shards(rows, tmp, cfg.rows_per_shard, cfg.shard_bytes)
+            shards = write_shards(rows, tmp, cfg.rows_per_shard, cfg.shard_bytes,
+                                  compress_images=cfg.encoding != "raw")
         elapsed = time.perf_counter() - start
         if not shards:
             raise ValueError(_nothing_ingested(cfg, skipped))

@@ -4,7 +4,10 @@ Each worker (Horovod rank) reads only its own rows: the rows of a split are put
 in a fixed order and rank `r` of `W` takes every W-th row starting at `r`, so
 workers see disjoint sets that together are the whole split. Image bytes are
 read shard by shard with pyarrow (memory stays bounded by one shard), then
-shuffled, decoded, batched, normalised to [0, 1] and prefetched by tf.data.
+shuffled, decoded, batched, normalised to [0, 1] and prefetched by tf.data. How
+images are decoded is the dataset's `encoding` (its manifest, in `RowIndex`):
+JPEG or PNG through `tf.io.decode_image` per image; `raw` shards are not decoded at
+all: their pixels go from Arrow's buffers into uint8 tensors a shard at a time.
 Training-time augmentation (Keras preprocessing layers) runs here only with
 `pipeline.augment_on: pipeline`. By default (`model`) the training model takes
 over everything after batching (`model/training_model.py`): training batches
@@ -33,8 +36,14 @@ import tensorflow as tf
 from melanoma_dist.config import PipelineConfig
 from melanoma_dist.data import shards
 from melanoma_dist.data.augment import build_augmenter
+from melanoma_dist.data.fingerprint import with_defaults
+from melanoma_dist.data.images import raw_length_error, raw_size
 
 logger = logging.getLogger(__name__)
+
+_RAW_ROWS_PER_YIELD = 64
+"""Raw images handed to tf.data at a time: TensorFlow makes a tensor of a whole 300 MB shard (224 px) about
+3x slower per byte than of a few MB (measured on 2,048-row shards)."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +60,19 @@ class RowIndex:
     image_ids: pa.Array  # string
     labels: np.ndarray  # int32
     groups: pa.Array  # string
+    encoding: str
+    """How the shards store the images: the manifest's `encoding` (`jpeg`, `png` or `raw`)."""
+    dataset: str
+    """The dataset directory, named in errors."""
 
     @classmethod
     def load(cls, dataset_dir: str | Path) -> "RowIndex":
         paths = tuple(shards.shard_paths(dataset_dir))
         table = shards.read_columns(dataset_dir, [shards.IMAGE_ID, shards.LABEL, shards.GROUP])
+        encoding = with_defaults(shards.load_manifest(dataset_dir), ("encoding",))["encoding"]
         return cls(paths, shards.row_offsets(paths), table[shards.IMAGE_ID].combine_chunks(),
-                   table[shards.LABEL].to_numpy().astype(np.int32), table[shards.GROUP].combine_chunks())
+                   table[shards.LABEL].to_numpy().astype(np.int32), table[shards.GROUP].combine_chunks(),
+                   encoding, str(dataset_dir))
 
     def __len__(self) -> int:
         return int(self.shard_offsets[-1])
@@ -89,9 +104,26 @@ def steps_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
     return max(1, math.ceil((num_rows // world_size) / batch_size))
 
 
-def _decode_uint8(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one stored image to uint8 [image_size, image_size, 3] (the shards hold it at that size)."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+def _decode_uint8(data: tf.Tensor, image_size: int, encoding: str, dataset: str = "") -> tf.Tensor:
+    """Decode one stored image to uint8 [image_size, image_size, 3] (the shards hold it at that size).
+
+    Raises:
+        ValueError: an unknown encoding.
+        tf.errors.InvalidArgumentError: (when run) a raw image of the wrong length; bytes that do not decode.
+    """
+    if encoding == "raw":
+        # No codec: the bytes are the pixels. Their length is checked first, so that shards written at
+        # another size fail with what to do rather than with a reshape error.
+        pixels = tf.io.decode_raw(data, tf.uint8)
+        check = tf.debugging.assert_equal(tf.size(pixels), raw_size(image_size),
+                                          message=raw_length_error(image_size, dataset))
+        with tf.control_dependencies([check] if check is not None else []):  # None when eager (checked already)
+            image = tf.reshape(pixels, [image_size, image_size, 3])
+    elif encoding in ("jpeg", "png"):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    else:
+        raise ValueError(f"dataset {dataset or '(unnamed)'} has encoding {encoding!r}; this melanoma-dist reads "
+                         f"'jpeg', 'png' and 'raw': ingest it again (`melanoma-dist ingest --config ...`)")
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
@@ -100,14 +132,25 @@ def to_unit_range(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(images, tf.float32) / 255.0
 
 
-def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one stored image to float32 [image_size, image_size, 3] in [0, 1]."""
-    return to_unit_range(_decode_uint8(data, image_size))
+def decode_image(data: tf.Tensor, image_size: int, encoding: str, dataset: str = "") -> tf.Tensor:
+    """Decode one stored image to float32 [image_size, image_size, 3] in [0, 1].
+
+    Args:
+        data: The image's bytes from the shards.
+        image_size: The dataset's image size.
+        encoding: The dataset's `encoding` (its manifest's, `RowIndex.encoding`).
+        dataset: The dataset, named in errors. Defaults to `""`.
+    """
+    return to_unit_range(_decode_uint8(data, image_size, encoding, dataset))
 
 
-def _shard_chunks(index: RowIndex, rows: np.ndarray, shuffle: bool, seed: int,
+def _shard_chunks(index: RowIndex, rows: np.ndarray, image_size: int, shuffle: bool, seed: int,
                   repeat: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (image bytes, labels) one shard at a time; reshuffled on every pass when asked."""
+    """Yield (images, labels) one shard at a time; reshuffled on every pass when asked.
+
+    Images are stored bytes (one object per image) or, for raw shards, uint8 [n, S, S, 3] pixels,
+    read a shard at a time and yielded `_RAW_ROWS_PER_YIELD` rows at a time.
+    """
     epoch = 0
     while True:
         rng = np.random.default_rng([seed, epoch])
@@ -117,9 +160,13 @@ def _shard_chunks(index: RowIndex, rows: np.ndarray, shuffle: bool, seed: int,
         for shard, local in parts:
             if shuffle:
                 local = rng.permutation(local)
-            images = np.asarray(shards.read_images(index.shard_paths[shard], local), dtype=object)
             labels = index.labels[local + index.shard_offsets[shard]]
-            yield images, labels
+            if index.encoding == "raw":  # a copy, not a decode per image: what raw shards are for
+                pixels = shards.read_raw_images(index.shard_paths[shard], local, image_size)
+                for start in range(0, len(local), _RAW_ROWS_PER_YIELD):
+                    yield pixels[start:start + _RAW_ROWS_PER_YIELD], labels[start:start + _RAW_ROWS_PER_YIELD]
+            else:
+                yield np.asarray(shards.read_images(index.shard_paths[shard], local), dtype=object), labels
         if not repeat:
             return
         epoch += 1
@@ -134,26 +181,30 @@ def make_dataset(index: RowIndex, rows: np.ndarray, cfg: PipelineConfig, image_s
         rows: Global row ids to read, in order.
         cfg: Pipeline settings (batch size, shuffle buffer, parallelism, augmentation and where it runs:
             augmented here only with `augment_on: pipeline`).
-        image_size: Side of the stored square images.
+        image_size: Side of the stored square images (decoded as `index.encoding` says).
         training: Endless, shuffled stream when True: uint8 images in [0, 255] with `augment_on: model`
             (the training model scales and augments them), float32 [0, 1] augmented ones with `pipeline`;
             one ordered, plain float32 pass when False.
         seed: Seed of shuffling and augmentation (give each rank its own).
 
     Raises:
-        ValueError: `rows` is empty.
+        ValueError: `rows` is empty, or the dataset's encoding is unknown. (A raw image of the wrong
+            length fails when its shard is read, naming the shard and the fix.)
     """
     if len(rows) == 0:
         raise ValueError("this worker has no rows to read: fewer images than workers, or an empty fold")
     parallel = tf.data.AUTOTUNE if cfg.parallel_calls == -1 else cfg.parallel_calls
+    raw = index.encoding == "raw"
+    images = tf.TensorSpec([None, image_size, image_size, 3], tf.uint8) if raw else tf.TensorSpec([None], tf.string)
     ds = tf.data.Dataset.from_generator(
-        lambda: _shard_chunks(index, rows, shuffle=training, seed=seed, repeat=training),
-        output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)))
+        lambda: _shard_chunks(index, rows, image_size, shuffle=training, seed=seed, repeat=training),
+        output_signature=(images, tf.TensorSpec([None], tf.int32)))
     ds = ds.unbatch()
     if training:
         ds = ds.shuffle(min(cfg.shuffle_buffer, len(rows)), seed=seed)
-    ds = ds.map(lambda data, label: (_decode_uint8(data, image_size), label),
-                num_parallel_calls=parallel, deterministic=not training)
+    if not raw:  # raw shards arrive as pixels
+        ds = ds.map(lambda data, label: (_decode_uint8(data, image_size, index.encoding, index.dataset), label),
+                    num_parallel_calls=parallel, deterministic=not training)
     ds = ds.batch(cfg.batch_size, drop_remainder=False)
     if training and cfg.augment_on == "model":
         # The training model scales and augments on the accelerator; the float conversion alone would cost

@@ -16,7 +16,7 @@ Example:
 
 ```python
 meta = read_columns("runs/dataset", [IMAGE_ID, LABEL, GROUP])  # pyarrow.Table, all shards
-images = read_images(shard_paths("runs/dataset")[0], [0, 5])   # encoded bytes of 2 rows
+images = read_images(shard_paths("runs/dataset")[0], [0, 5])   # stored bytes of 2 rows (manifest["encoding"])
 ```
 """
 
@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from melanoma_dist import storage
+from melanoma_dist.data.images import raw_length_error, raw_size
 from melanoma_dist.paths import is_uri
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ PATH = "path"
 SCHEMA = pa.schema([
     pa.field(IMAGE_ID, pa.string(), nullable=False),
     pa.field(SOURCE, pa.string(), nullable=False),
-    pa.field(IMAGE, pa.binary(), nullable=False),  # encoded JPEG or PNG, image_size x image_size RGB
+    pa.field(IMAGE, pa.binary(), nullable=False),  # image_size^2 RGB: JPEG, PNG or raw (manifest `encoding`)
     pa.field(LABEL, pa.int32(), nullable=False),  # class index in the manifest's class_names
     pa.field(LABEL_NAME, pa.string(), nullable=False),
     pa.field(GROUP, pa.string(), nullable=False),  # lesion: rows of one group stay in one fold
@@ -73,12 +74,18 @@ _REINGEST = "re-run `melanoma-dist ingest --config <your config>`"
 _PARTIAL_SUFFIX = ".partial"
 OWN_FILES: tuple[str, ...] = (MANIFEST, "shard-*.parquet", f"shard-*{_PARTIAL_SUFFIX}", "folds/k*-seed*")
 """Glob patterns of the files melanoma-dist writes in a dataset folder (folds as `data.folds.folds_path` names them)."""
-# zstd at a fixed level: deterministic output; the image bytes are already compressed,
+# zstd at a fixed level: deterministic output; JPEG and PNG bytes are already compressed,
 # so a higher level would cost time for nothing. No statistics on the image column:
-# min/max of JPEG bytes are useless and would bloat the footer.
+# min/max of image bytes are useless and would bloat the footer.
 _WRITE_OPTIONS: dict[str, Any] = dict(
     compression="zstd", compression_level=3, row_group_size=ROW_GROUP_ROWS,
     use_dictionary=[SOURCE, LABEL_NAME], write_statistics=list(LIGHT_COLUMNS))
+# Raw pixels (`encoding: raw`) are stored uncompressed: zstd saves ~25 % of their bytes but
+# un-zstd-ing them cost a reader more CPU than all the rest of its work (bench_feeding.py), and
+# raw shards exist to spare the reader's CPU.
+_UNCOMPRESSED_IMAGES: dict[str, Any] = dict(
+    _WRITE_OPTIONS, compression={c: "none" if c == IMAGE else "zstd" for c in COLUMNS},
+    compression_level={c: 3 for c in LIGHT_COLUMNS})
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -87,7 +94,7 @@ def shard_name(index: int, num_shards: int) -> str:
 
 
 def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Path,
-                 rows_per_shard: int, shard_bytes: int | None = None) -> list[str]:
+                 rows_per_shard: int, shard_bytes: int | None = None, compress_images: bool = True) -> list[str]:
     """Write rows into Parquet shards of at most `rows_per_shard` rows and `shard_bytes` image bytes, streaming.
 
     A shard ends before the row that would take it past either limit (a single larger image
@@ -100,6 +107,8 @@ def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Pa
         rows_per_shard: rows per shard at most; the last shard may be smaller.
         shard_bytes: encoded image bytes per shard at most (the files come out a little
             larger: the other columns, the footer). Defaults to `None` (rows only).
+        compress_images: zstd on the image column; False for raw pixels (read faster, stored
+            larger). Defaults to `True`.
 
     Returns:
         The shard file names, in row order (empty when there are no rows).
@@ -122,7 +131,7 @@ def write_shards(rows: Iterable[Mapping[str, Any]] | pa.Table, out_dir: str | Pa
     partial = []
     for i, table in enumerate(_batches(rows, rows_per_shard, shard_bytes)):
         path = out / f"shard-{i:05d}{_PARTIAL_SUFFIX}"
-        pq.write_table(table, path, **_WRITE_OPTIONS)
+        pq.write_table(table, path, **(_WRITE_OPTIONS if compress_images else _UNCOMPRESSED_IMAGES))
         partial.append(path)
     names = [shard_name(i, len(partial)) for i in range(len(partial))]
     for path, name in zip(partial, names):
@@ -329,7 +338,7 @@ def read_columns(dataset_dir: str | Path, columns: Sequence[str]) -> pa.Table:
 
 
 def read_images(path: str | Path, row_indices: Sequence[int] | None = None) -> list[bytes]:
-    """The encoded image bytes of some rows of one shard (all rows when `row_indices` is None).
+    """The stored image bytes of some rows of one shard (all rows when `row_indices` is None).
 
     Only the row groups holding the requested rows are read.
 
@@ -338,12 +347,42 @@ def read_images(path: str | Path, row_indices: Sequence[int] | None = None) -> l
         ValueError: the shard is damaged or truncated.
     """
     with _shard_errors(path):
-        return _read_images(parquet_file(path), path, row_indices)
+        return _image_column(parquet_file(path), path, row_indices).to_pylist()
 
 
-def _read_images(pf: pq.ParquetFile, path: str | Path, row_indices: Sequence[int] | None) -> list[bytes]:
+def read_raw_images(path: str | Path, row_indices: Sequence[int] | None, image_size: int) -> np.ndarray:
+    """The pixels of some rows of one shard of a `raw` dataset: uint8 [n, image_size, image_size, 3].
+
+    Straight from Arrow's buffers, without a Python object per image: reading raw shards is
+    meant to cost no more than copying their bytes.
+
+    Raises:
+        IndexError: a row index is outside the shard.
+        ValueError: the shard is damaged or truncated, or an image is not image_size^2 x 3 bytes
+            (the message names the shard and says to ingest again).
+    """
+    with _shard_errors(path):
+        column = _image_column(parquet_file(path), path, row_indices)
+    nbytes = raw_size(image_size)
+    parts = []
+    for chunk in column.chunks:  # binary arrays: buffers are (validity, int32 offsets, data)
+        if len(chunk) == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32, count=len(chunk) + 1, offset=4 * chunk.offset)
+        lengths = np.diff(offsets)
+        if (lengths != nbytes).any():
+            raise ValueError(raw_length_error(image_size, str(path), int(lengths[lengths != nbytes][0])))
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        parts.append(data.reshape(len(chunk), image_size, image_size, 3))
+    if not parts:
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _image_column(pf: pq.ParquetFile, path: str | Path, row_indices: Sequence[int] | None) -> pa.ChunkedArray:
+    """The image column of the rows asked, in that order, reading only the row groups that hold them."""
     if row_indices is None:
-        return pf.read(columns=[IMAGE]).column(IMAGE).to_pylist()
+        return pf.read(columns=[IMAGE]).column(IMAGE)
     meta = pf.metadata
     starts = [0]
     for g in range(meta.num_row_groups):
@@ -358,8 +397,8 @@ def _read_images(pf: pq.ParquetFile, path: str | Path, row_indices: Sequence[int
     for g in groups:
         base[g] = offset
         offset += starts[g + 1] - starts[g]
-    out = []
+    positions = []
     for i in row_indices:
         g = bisect.bisect_right(starts, i) - 1
-        out.append(column[base[g] + i - starts[g]].as_py())
-    return out
+        positions.append(base[g] + i - starts[g])
+    return column.take(pa.array(positions, pa.int64()))

@@ -38,6 +38,7 @@ from melanoma_dist import labels as label_schemes
 from melanoma_dist.data import shards
 from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.data.folds import merge_duplicate_groups
+from melanoma_dist.data.images import LOSSLESS_ENCODINGS
 from melanoma_dist.inference.tta import tta_mode
 from melanoma_dist.inference.ensemble import Ensemble
 from melanoma_dist.inference.images import decode
@@ -102,6 +103,8 @@ def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path) -> list[str
     notes = []
     test, train = with_defaults(manifest, IMAGE_SETTINGS), with_defaults(spec, IMAGE_SETTINGS)
     for key in IMAGE_SETTINGS:
+        if key == "encoding" and {test[key], train[key]} <= LOSSLESS_ENCODINGS:
+            continue  # png and raw store the same pixels
         if test[key] != train[key]:
             notes.append(f"test images were ingested with {key}={test[key]!r}, training images with "
                          f"{train[key]!r}")
@@ -111,11 +114,13 @@ def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path) -> list[str
 
 def predict_dataset(model: Ensemble, dataset_dir: str | Path, tta: str | bool | None = None) -> np.ndarray:
     """Calibrated ensemble probabilities of every image of an ingested dataset, in row order."""
+    encoding = with_defaults(shards.load_manifest(dataset_dir), ("encoding",))["encoding"]
     out = []
     for path in shards.shard_paths(dataset_dir):
         data = shards.read_images(path)
         for start in range(0, len(data), _CHUNK):
-            x = np.stack([decode(b, model.image_size) for b in data[start:start + _CHUNK]])
+            chunk = data[start:start + _CHUNK]
+            x = np.stack([decode(b, model.image_size, encoding, str(dataset_dir)) for b in chunk])
             out.append(model.predict(x, tta=tta))
     return np.concatenate(out) if out else np.zeros((0, len(model.class_names)))
 

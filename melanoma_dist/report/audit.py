@@ -40,7 +40,6 @@ report["clean"], report["near"]["pairs_across_folds"], report["near"]["candidate
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -51,7 +50,9 @@ import numpy as np
 from PIL import Image
 
 from melanoma_dist.data import shards
+from melanoma_dist.data.fingerprint import with_defaults
 from melanoma_dist.data.folds import load_folds
+from melanoma_dist.data.images import decode_stored
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,19 @@ def _check_params(max_bits: int, min_correlation: float | None) -> None:
         raise ValueError(f"min_correlation must be in [-1, 1] or None (no confirmation), got {min_correlation}")
 
 
-def thumbnail_features(images: Sequence[bytes]) -> np.ndarray:
-    """Zero-mean, unit-norm 16x16 RGB thumbnails of encoded images: their dot product is the correlation."""
+def thumbnail_features(images: Sequence[bytes], encoding: str, image_size: int, dataset: str = "") -> np.ndarray:
+    """Zero-mean, unit-norm 16x16 RGB thumbnails of stored images: their dot product is the correlation.
+
+    Args:
+        images: Image bytes from the shards of one dataset.
+        encoding: That dataset's `encoding` (its manifest's).
+        image_size: That dataset's `image_size`.
+        dataset: Named in errors. Defaults to `""`.
+    """
     out = np.zeros((len(images), THUMB_SIZE * THUMB_SIZE * 3), dtype=np.float32)
     for k, data in enumerate(images):
-        with Image.open(io.BytesIO(data)) as im:
-            thumb = im.convert("RGB").resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+        rgb = Image.fromarray(decode_stored(data, encoding, image_size, dataset))
+        thumb = rgb.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
         f = np.asarray(thumb, dtype=np.float32).ravel()
         f -= f.mean()
         out[k] = f / max(float(np.linalg.norm(f)), 1e-6)
@@ -142,11 +150,14 @@ class ImageSet:
             raise ValueError(f"image set {self.name!r} has no dataset_dir or features to confirm near duplicates")
         missing = sorted({int(r) for r in rows} - set(self._cache))
         if missing:
+            stored = with_defaults(shards.load_manifest(self.dataset_dir), ("encoding", "image_size"))
             paths = shards.shard_paths(self.dataset_dir)
             offsets = shards.row_offsets(paths)
             for shard, local in shards.locate(offsets, missing):
                 data = shards.read_images(paths[shard], local.tolist())
-                self._cache.update(zip((local + offsets[shard]).tolist(), thumbnail_features(data)))
+                self._cache.update(zip((local + offsets[shard]).tolist(),
+                                       thumbnail_features(data, stored["encoding"], int(stored["image_size"]),
+                                                          self.dataset_dir)))
         return np.stack([self._cache[int(r)] for r in rows]) if len(rows) else np.zeros((0, 3 * THUMB_SIZE ** 2))
 
     @classmethod
@@ -335,7 +346,7 @@ def audit_train_test(train: ImageSet, test: ImageSet, max_bits: int = DEFAULT_NE
 
 
 def read_images_by_id(dataset_dir: str | Path, image_ids: Sequence[str]) -> dict[str, bytes]:
-    """The encoded (resized) images of some ids, read from the shards.
+    """The stored (resized; encoded as the manifest's `encoding` says) images of some ids, read from the shards.
 
     Raises:
         KeyError: an id is not in the dataset.
@@ -353,3 +364,15 @@ def read_images_by_id(dataset_dir: str | Path, image_ids: Sequence[str]) -> dict
         data = shards.read_images(paths[shard], local.tolist())
         out.update(zip((ids[r] for r in local + offsets[shard]), data))
     return out
+
+
+def read_pixels_by_id(dataset_dir: str | Path, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """The stored images of some ids as uint8 [S, S, 3] RGB, decoded as the dataset's manifest says.
+
+    Raises:
+        KeyError: an id is not in the dataset.
+        ValueError: a stored image does not decode (the message names the dataset and the fix).
+    """
+    stored = with_defaults(shards.load_manifest(dataset_dir), ("encoding", "image_size"))
+    return {image_id: decode_stored(data, stored["encoding"], int(stored["image_size"]), str(dataset_dir))
+            for image_id, data in read_images_by_id(dataset_dir, image_ids).items()}

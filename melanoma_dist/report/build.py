@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from melanoma_dist.report import plots
-from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS, read_images_by_id
+from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS, read_pixels_by_id
 from melanoma_dist.report.bootstrap import DEFAULT_N_BOOT
 from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY, apply_temperature
 from melanoma_dist.report.evidence import summarize
@@ -93,7 +93,7 @@ def draw_figures(result: CVResult, ev: dict, fig_dir: Path) -> dict[str, Path]:
     examples = ev["audit"].get("near", {}).get("examples", []) if ev["audit"].get("available") else []
     if examples:
         try:
-            images = read_images_by_id(result.dataset_dir, [e[x] for e in examples[:8] for x in ("image_a", "image_b")])
+            images = read_pixels_by_id(result.dataset_dir, [e[x] for e in examples[:8] for x in ("image_a", "image_b")])
             figs["duplicates"] = plots.image_pairs(fig_dir / "duplicates.png", [
                 (images[e["image_a"]], images[e["image_b"]],
                  f"{e['image_a']} (fold {e.get('fold_a', '-')}) | {e['image_b']} (fold {e.get('fold_b', '-')}): "

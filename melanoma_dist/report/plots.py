@@ -13,7 +13,6 @@ roc_curves(Path("report/roc.png"), [(f"fold {k}", y_k, s_k) for k, ...], ("poole
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 from sklearn import metrics as skm
 
 logger = logging.getLogger(__name__)
@@ -216,12 +214,12 @@ def class_distribution(path: Path, counts: Mapping[str, Mapping[str, int]], clas
     return _save(fig, path)
 
 
-def image_pairs(path: Path, pairs: Sequence[tuple[bytes, bytes, str]], max_pairs: int = 8) -> Path | None:
+def image_pairs(path: Path, pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], max_pairs: int = 8) -> Path | None:
     """A grid of image pairs (e.g. near duplicates), each captioned.
 
     Args:
         path: PNG file to write.
-        pairs: (encoded image a, encoded image b, caption) per pair.
+        pairs: (uint8 RGB image a, image b, caption) per pair (see `audit.read_pixels_by_id`).
         max_pairs: Pairs drawn at most. Defaults to `8`.
 
     Returns:
@@ -234,7 +232,7 @@ def image_pairs(path: Path, pairs: Sequence[tuple[bytes, bytes, str]], max_pairs
     for r, (a, b, caption) in enumerate(pairs):
         for c, data in enumerate((a, b)):
             ax = axes[r, c]
-            ax.imshow(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            ax.imshow(data)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_title(caption, fontsize=7, loc="left")
