@@ -305,8 +305,11 @@ def dataset_dir(work_dir: Path, num_images: int, size: int, encoding: str = "jpe
     return work_dir / "datasets" / f"ham{num_images}-{size}px{'' if encoding == 'jpeg' else '-' + encoding}"
 
 
-def ingest_tree(tree: Path, out: Path, size: int, workers: int = 0, encoding: str = "jpeg") -> dict[str, Any]:
-    """Ingest the JPEG tree into Parquet shards at `size` px with our ingest; return timing and sizes."""
+def ingest_tree(tree: Path | str, out: Path | str, size: int, workers: int = 0,
+                encoding: str = "jpeg") -> dict[str, Any]:
+    """Ingest the JPEG tree into Parquet shards at `size` px with our ingest; return timing and sizes.
+
+    Either may be an object-store URI (then the shards' bytes are not counted)."""
     from melanoma_dist.config import DataConfig, SourceConfig
     from melanoma_dist.data.ingest import ingest
 
@@ -316,7 +319,7 @@ def ingest_tree(tree: Path, out: Path, size: int, workers: int = 0, encoding: st
     start = time.perf_counter()
     manifest = ingest(cfg, progress=False)
     seconds = time.perf_counter() - start
-    shard_bytes = sum(p.stat().st_size for p in out.glob("shard-*.parquet"))
+    shard_bytes = None if "://" in str(out) else sum(p.stat().st_size for p in Path(out).glob("shard-*.parquet"))
     return {"image_size": size, "num_images": manifest["num_images"], "seconds": seconds,
             "images_per_s": manifest["num_images"] / seconds, "shard_bytes": shard_bytes,
             "workers": workers or len(os.sched_getaffinity(0))}

@@ -236,13 +236,18 @@ def hvd_rank(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class RssSampler:
-    """Samples this process's RSS every `interval` seconds; remembers the peak and named marks."""
+    """Samples this process's RSS every `interval` seconds; remembers the peak and named marks.
 
-    def __init__(self, interval: float = 0.02) -> None:
+    With `children=True` it also keeps the peak RSS of the largest child process (an ingest
+    pool worker) and of this process plus all its children (shared pages counted in each).
+    """
+
+    def __init__(self, interval: float = 0.02, children: bool = False) -> None:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak = 0
+        self._children = children
+        self.peak = self.child_peak = self.tree_peak = 0
         self.marks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -250,12 +255,28 @@ class RssSampler:
         self._thread.start()
 
     def _run(self) -> None:
+        import psutil
+
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            rss = self._proc.memory_info().rss
+            self.peak = max(self.peak, rss)
+            if self._children:
+                sizes = []
+                for child in self._proc.children(recursive=True):
+                    try:
+                        sizes.append(child.memory_info().rss)
+                    except psutil.Error:  # it ended between the listing and the read
+                        pass
+                self.child_peak = max([self.child_peak, *sizes])
+                self.tree_peak = max(self.tree_peak, rss + sum(sizes))
             time.sleep(self._interval)
 
+    def rss(self) -> int:
+        """This process's RSS now."""
+        return self._proc.memory_info().rss
+
     def mark(self, name: str) -> None:
-        rss = self._proc.memory_info().rss
+        rss = self.rss()
         self.peak = max(self.peak, rss)
         self.marks[name] = rss
         self.marks[f"peak_until_{name}"] = self.peak
@@ -330,6 +351,58 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
     sampler.stop()
     return {"mode": mode, "sampled_peak_rss": sampler.peak, "marks": sampler.marks,
             "ru_maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+# ---------------------------------------------------------------- datasets at scale (bench_scale.py)
+
+
+def scale_ingest(spec: dict[str, Any]) -> dict[str, Any]:
+    """`ingest` of a source folder (or URI) into a dataset (or URI), with the peak RSS of the driver and its pool."""
+    from benchmarks._common import ingest_tree
+
+    sampler = RssSampler(interval=0.1, children=True)
+    result = ingest_tree(spec["tree"], spec["out"], spec["size"], workers=spec["workers"])
+    sampler.stop()
+    return {**result, "driver_peak_rss": sampler.peak, "worker_peak_rss": sampler.child_peak,
+            "tree_peak_rss": sampler.tree_peak}
+
+
+def scale_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    """One worker's training input side over a whole dataset (local or URI): img/s, RSS, row index size.
+
+    With `python_objects`, also the RSS that the row index's ids and groups take as one Python
+    `str` per row (what an index of NumPy object arrays holds), for comparison.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks._common import bench_config
+    from benchmarks.bench_pipeline import measure
+    from melanoma_dist.data.pipeline import RowIndex, make_dataset
+
+    sampler = RssSampler()
+    import tensorflow as tf  # noqa: F401  (its start-up is part of every worker)
+
+    sampler.mark("imports")
+    index = RowIndex.load(spec["dataset"])
+    sampler.mark("index")
+    fields = (index.shard_offsets, index.image_ids, index.labels, index.groups)
+    cfg, _ = bench_config(spec["size"], spec["dataset"], spec["out"])
+    pcfg = dataclasses.replace(cfg.pipeline, augment_on="model")  # tf.data reads, decodes and batches
+    ds = make_dataset(index, np.arange(len(index), dtype=np.int64), pcfg, spec["size"], training=True, seed=0)
+    m = measure(ds, spec["warmup_batches"], spec["images"])
+    sampler.mark("end")
+    out = {**m, "rows": len(index), "shards": len(index.shard_paths), "index_bytes": sum(f.nbytes for f in fields),
+           "peak_rss": sampler.peak, "marks": sampler.marks}
+    if spec.get("python_objects"):
+        before = sampler.rss()
+        objects = [np.asarray(index.image_ids.to_pylist(), dtype=object),
+                   np.asarray(index.groups.to_pylist(), dtype=object)]
+        out["python_object_index_bytes"] = sampler.rss() - before + index.labels.nbytes
+        del objects
+    sampler.stop()
+    return out
 
 
 # ---------------------------------------------------------------- Ray
@@ -409,7 +482,8 @@ def driver_versions(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- entry point
 
-TASKS = {"train_modes": train_modes, "memory": memory, "driver_versions": driver_versions}
+TASKS = {"train_modes": train_modes, "memory": memory, "driver_versions": driver_versions,
+         "scale_ingest": scale_ingest, "scale_pipeline": scale_pipeline}
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 from benchmarks._common import REPO, base_parser, environment, fmt, format_table, print_environment
 
-BENCHMARKS = ("bench_pipeline", "bench_feeding", "bench_horovod", "bench_ray", "bench_memory", "scaling_model")
+BENCHMARKS = ("bench_pipeline", "bench_feeding", "bench_horovod", "bench_ray", "bench_memory", "bench_scale", "scaling_model")
 TITLES = {
     "bench_pipeline": "1. Input pipeline: Parquet + tf.data vs image_dataset_from_directory",
     "bench_horovod": "2. Horovod overhead and scaling",
@@ -37,6 +37,7 @@ TITLES = {
     "bench_feeding": "1b. Feeding a GPU: input side per core, augmentation in tf.data vs in the model, JPEG vs raw "
                      "shards; XLA step",
     "scaling_model": "5. Scaling on paper (model, not measurement)",
+    "bench_scale": "6. Datasets at scale: ingest and one worker's input side at 10k to 1M images, local disk vs S3",
 }
 
 

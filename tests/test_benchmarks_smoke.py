@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("bench_pipeline", "bench_feeding", "bench_horovod", "bench_ray", "bench_memory", "scaling_model")
+BENCHMARKS = ("bench_pipeline", "bench_feeding", "bench_horovod", "bench_ray", "bench_memory", "bench_scale", "scaling_model")
 
 pytestmark = pytest.mark.integration
 

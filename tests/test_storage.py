@@ -242,3 +242,27 @@ def test_tune_refuses_an_output_dir_in_a_bucket(capsys):
     assert main(["tune", "--set", "output_dir=s3://derm/tune", "--set",
                  "tune.space.train.learning_rate=loguniform(1e-4, 3e-3)"]) == 2
     assert "tune keeps its searches in a local or shared folder" in capsys.readouterr().err
+
+
+def test_source_listing_in_a_bucket_stats_by_folder_and_sees_changes(s3, images, tmp_path):
+    from melanoma_dist.data.fingerprint import file_listing
+
+    local, uri = images
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.png"))[:3]
+    paths = [f"{uri}/{n}" for n in names] + [f"{uri}/other/missing.png"]
+    stats = storage.stat_objects(paths)
+    for n, path in zip(names, paths):
+        assert stats[path][0] == (local / n).stat().st_size == storage.info(path).size
+    assert stats[paths[-1]] is None
+    # Rewriting one object (another size) changes the listing that decides whether a dataset is stale.
+    before = file_listing(paths)
+    copy = f"{s3}/copy/images"
+    fs, inner = storage.filesystem(copy)
+    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    moved = [p.replace(uri, copy) for p in paths]
+    unchanged = file_listing(moved)
+    storage.write_bytes(moved[0], b"not the same image")
+    changed = file_listing(moved)
+    assert before["count"] == unchanged["count"] == changed["count"] == 4
+    assert unchanged["bytes"] == before["bytes"] and changed["bytes"] != unchanged["bytes"]
+    assert changed["sha256"] != unchanged["sha256"]

@@ -27,8 +27,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pyarrow.fs import FileType
-
 from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
 from melanoma_dist.data.sources import SourceScan, scan_source
@@ -131,28 +129,28 @@ def file_listing(paths: Iterable[str]) -> dict[str, Any]:
 
     A file that cannot be read counts as absent, so that its appearing changes the listing.
     """
+    unique = sorted({absolute(p) for p in paths})
+    in_store = storage.stat_objects([p for p in unique if is_uri(p)])
     lines, total = [], 0
-    for path in sorted({absolute(p) for p in paths}):
-        try:
-            size, mtime_ns = _stat(path)
-        except OSError:
+    for path in unique:
+        found = in_store[path] if is_uri(path) else _stat(path)
+        if found is None:
             lines.append(f"{path}\t-")
             continue
+        size, mtime_ns = found
         total += size
         lines.append(f"{path}\t{size}\t{mtime_ns}")
     digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
     return {"count": len(lines), "bytes": total, "sha256": digest}
 
 
-def _stat(path: str) -> tuple[int, int]:
-    """Size and modification time (ns) of a file, local or in an object store (its last-modified time)."""
-    if not is_uri(path):
+def _stat(path: str) -> tuple[int, int] | None:
+    """Size and modification time (ns) of a local file; None when it cannot be read."""
+    try:
         st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
-    found = storage.info(path)
-    if found.type != FileType.File:
-        raise FileNotFoundError(path)
-    return found.size, found.mtime_ns or 0
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _differ(what: str, old: Any, new: Any) -> str:

@@ -22,12 +22,11 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
@@ -67,24 +66,28 @@ def outer_training_dataset(dataset_dir: str | Path, outer_of_row: Sequence[int],
         pass
     parent = shards.load_manifest(dataset_dir)
     keep = np.asarray(outer_of_row) != fold
-    tables, start = [], 0
-    for path in shards.shard_paths(dataset_dir):
-        table = pq.read_table(path)
-        mask = pa.array(keep[start:start + table.num_rows])
-        start += table.num_rows
-        tables.append(table.filter(mask))
-    subset = pa.concat_tables(tables)
+    counts = np.zeros(len(parent["class_names"]), np.int64)
+
+    def rows() -> Iterator[dict]:
+        start = 0
+        for path in shards.shard_paths(dataset_dir):  # a shard at a time: memory stays bounded by one
+            table = shards.parquet_file(path).read()
+            part = table.filter(pa.array(keep[start:start + table.num_rows]))
+            start += table.num_rows
+            counts[:] += np.bincount(part[shards.LABEL].to_numpy(), minlength=len(counts))
+            yield from part.to_pylist()
+
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    names = shards.write_shards(subset, tmp, int(parent.get("rows_per_shard", 2048)), parent.get("shard_bytes"))
-    labels = subset[shards.LABEL].to_numpy()
-    manifest = {**parent, "shards": names, "num_shards": len(names), "num_images": subset.num_rows,
-                "counts": {n: int((labels == i).sum()) for i, n in enumerate(parent["class_names"])},
+    names = shards.write_shards(rows(), tmp, int(parent.get("rows_per_shard", 2048)), parent.get("shard_bytes"),
+                                compress_images=parent.get("encoding") != "raw")
+    manifest = {**parent, "shards": names, "num_shards": len(names), "num_images": int(counts.sum()),
+                "counts": {n: int(counts[i]) for i, n in enumerate(parent["class_names"])},
                 "num_skipped": 0, "skipped": [], SUBSET_KEY: record}
     shards.write_manifest(tmp, manifest)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    logger.info("outer fold %d held out: the search sees %d of %d images (%s)", fold, subset.num_rows,
+    logger.info("outer fold %d held out: the search sees %d of %d images (%s)", fold, int(counts.sum()),
                 len(keep), out)
     return out
 
