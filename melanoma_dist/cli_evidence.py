@@ -5,6 +5,11 @@
     melanoma-dist export   runs/quick-cpu --target-sensitivity 0.9 --tta   # -> runs/quick-cpu/export
     melanoma-dist evaluate runs/quick-cpu/export runs/isic2017-test-64
     melanoma-dist predict  runs/quick-cpu/export lesion.jpg photos/ --csv out.csv --json out.json
+    melanoma-dist report   s3://derm/runs/quick-cpu             # a result in an object store: read and written there
+
+RESULT_DIR, MODEL, DATASET_DIR and --out of report, export and evaluate may be object-store
+URIs (`s3://`, `gs://`; see `storage.mirrored`); predict reads its MODEL from one too, but
+its images and its --csv/--json files are local.
 
 `cli.py` registers these commands (`EVIDENCE_COMMANDS`) and their arguments
 (`add_evidence_arguments`). Heavy imports (TensorFlow, matplotlib) happen inside the
@@ -21,7 +26,7 @@ from typing import Callable
 
 from melanoma_dist.config import Config
 from melanoma_dist.inference.tta import TTA_MODES
-from melanoma_dist.paths import ensure_writable_dir, ensure_writable_file
+from melanoma_dist.paths import check_uri, ensure_writable_dir, ensure_writable_file, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,17 @@ def _correlation(text: str) -> float | str | None:
     return v
 
 
+def _path_or_uri(text: str) -> Path | str:
+    """A local path as a Path; an object-store URI kept as text (a Path would fold `s3://b` into `s3:/b`)."""
+    if not is_uri(text):
+        return Path(text)
+    try:
+        check_uri(text, "the path")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -66,15 +82,16 @@ def _out_key(args: argparse.Namespace) -> str:
 
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist import storage
     from melanoma_dist.report.build import DEFAULT_REPORT_DIR, headline, write_report
 
     # Without --out the report goes to RESULT_DIR/report and the model card to RESULT_DIR.
-    ensure_writable_dir(args.out or args.result_dir / DEFAULT_REPORT_DIR, _out_key(args))
-    if args.out is None and args.result_dir.is_dir():
+    ensure_writable_dir(args.out or storage.join(args.result_dir, DEFAULT_REPORT_DIR), _out_key(args))
+    if args.out is None and storage.is_dir(args.result_dir):
         ensure_writable_dir(args.result_dir, "RESULT_DIR")
     paths = write_report(args.result_dir, args.out, args.target_sensitivity, args.near_dup_bits, args.n_boot,
                          near_dup_corr=args.near_dup_corr)
-    ev = json.loads(paths["json"].read_text())
+    ev = json.loads(storage.read_bytes(paths["json"]))
     print(headline(ev))
     print(f"report: {paths['html']}\nsummary: {paths['json']}\nmodel card: {paths['model_card']}")
     return 0
@@ -114,13 +131,14 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist import storage
     from melanoma_dist.inference.export import DEFAULT_EXPORT_DIR, export_model
 
     # The model is built beside its target and renamed into place.
-    ensure_writable_dir(args.out or args.result_dir / DEFAULT_EXPORT_DIR, _out_key(args), replaced=True)
+    ensure_writable_dir(args.out or storage.join(args.result_dir, DEFAULT_EXPORT_DIR), _out_key(args), replaced=True)
     out = export_model(args.result_dir, args.out, args.target_sensitivity, args.tta, args.near_dup_bits,
                        args.n_boot, near_dup_corr=args.near_dup_corr)
-    spec = json.loads((out / "model.json").read_text())
+    spec = json.loads(storage.read_bytes(storage.join(out, "model.json")))
     print(f"exported {len(spec['members'])} fold models to {out}: T={spec['calibration']['temperature']:.3f}, "
           f"{spec['decision_class']} threshold {spec['operating_point']['threshold']:.4f} "
           f"(out-of-fold sensitivity {spec['operating_point']['oof_sensitivity']:.3f}, specificity "
@@ -129,22 +147,26 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist import storage
     from melanoma_dist.inference.ensemble import read_model_json
     from melanoma_dist.inference.evaluate import EVALUATIONS_DIR, evaluate, summary_lines
 
-    read_model_json(args.model)  # a broken model fails before the dataset is read
+    if not is_uri(args.model):  # a broken model fails before the dataset is read (one in a store: when loaded)
+        read_model_json(args.model)
     # The evaluation goes to --out (default MODEL/evaluations/<dataset>); the model card in MODEL is updated.
-    ensure_writable_dir(args.out or args.model / EVALUATIONS_DIR / args.data.name, _out_key(args))
+    data_name = storage.as_path(str(args.data)).name
+    ensure_writable_dir(args.out or storage.join(args.model, EVALUATIONS_DIR, data_name), _out_key(args))
     ensure_writable_dir(args.model, "MODEL")
     ev = evaluate(args.model, args.data, args.out, args.tta, args.near_dup_bits, args.n_boot,
                   near_dup_corr=args.near_dup_corr)
     print(summary_lines(ev))
-    out = Path(args.out) if args.out else Path(args.model) / "evaluations" / ev["dataset_name"]
-    print(f"evaluation written to {out / 'evaluation.json'}; model card updated in {args.model}")
+    out = args.out or storage.join(args.model, EVALUATIONS_DIR, ev["dataset_name"])
+    print(f"evaluation written to {storage.join(out, 'evaluation.json')}; model card updated in {args.model}")
     return 0
 
 
 def cmd_predict(cfg: Config, args: argparse.Namespace) -> int:
+    from melanoma_dist import storage
     from melanoma_dist.inference.ensemble import Ensemble
     from melanoma_dist.inference.predict import DISCLAIMER, format_table, predict_files, write_csv, write_json
 
@@ -152,7 +174,9 @@ def cmd_predict(cfg: Config, args: argparse.Namespace) -> int:
     for path, key in ((args.csv, "--csv"), (args.json, "--json")):
         if path:
             ensure_writable_file(path, key)
-    model = Ensemble.load(args.model)
+    with storage.mirrored(args.model) as copy:  # a model in an object store is loaded from a local copy
+        model = Ensemble.load(copy.local)
+    model.model_dir = args.model  # named as given, not as the copy (the members are in memory)
     results = predict_files(model, args.inputs, tta=args.tta)
     print(f"*** {DISCLAIMER} ***\n")
     print(format_table(results, model))
@@ -188,8 +212,10 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
                        help=f"bootstrap replicates for confidence intervals (default {_DEFAULT_N_BOOT})")
 
     if name in ("report", "export"):
-        p.add_argument("result_dir", type=Path, help="output_dir of a `melanoma-dist cv` run")
-        p.add_argument("--out", type=Path, help="where to write (default: RESULT_DIR/report or RESULT_DIR/export)")
+        p.add_argument("result_dir", type=_path_or_uri, help="output_dir of a `melanoma-dist cv` run (a folder or "
+                       "an s3:// or gs:// URI)")
+        p.add_argument("--out", type=_path_or_uri,
+                       help="where to write (default: RESULT_DIR/report or RESULT_DIR/export)")
         p.add_argument("--target-sensitivity", type=_fraction, default=_DEFAULT_TARGET,
                        help="melanoma sensitivity the decision threshold is chosen for on the out-of-fold "
                             f"predictions (default {_DEFAULT_TARGET})")
@@ -209,13 +235,13 @@ def add_evidence_arguments(name: str, p: argparse.ArgumentParser) -> None:
                             f"every candidate (default {_DEFAULT_CORR})")
         p.add_argument("--json", type=Path, help="also write the full audit to this JSON file")
     elif name == "evaluate":
-        p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
-        p.add_argument("data", type=Path, help="an ingested dataset directory (e.g. the ISIC 2017 test split)")
-        p.add_argument("--out", type=Path, help="where to write (default: MODEL/evaluations/<dataset name>)")
+        p.add_argument("model", type=_path_or_uri, help="an exported model directory (with model.json)")
+        p.add_argument("data", type=_path_or_uri, help="an ingested dataset directory (e.g. the ISIC 2017 test split)")
+        p.add_argument("--out", type=_path_or_uri, help="where to write (default: MODEL/evaluations/<dataset name>)")
         _tta_option(p)
         common(False)
     elif name == "predict":
-        p.add_argument("model", type=Path, help="an exported model directory (with model.json)")
+        p.add_argument("model", type=_path_or_uri, help="an exported model directory (with model.json)")
         p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
         p.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions as CSV")
         p.add_argument("--json", type=Path, metavar="FILE", help="also write the predictions as JSON")

@@ -23,11 +23,15 @@ read_bytes("runs/dataset/manifest.json")                           # a local pat
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import functools
 import io
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -286,6 +290,8 @@ class FolderMirror:
 
     Training writes with local file semantics (Keras checkpoints, CSV appends, atomic renames),
     which an object store does not offer; it writes to `local`, and `push` uploads what changed.
+    For a local `uri` (`local` is then that folder itself), `pull` and `push` do nothing, so that
+    callers of `mirrored` treat both alike.
 
     Example:
 
@@ -301,14 +307,29 @@ class FolderMirror:
         self.uri, self.local = uri, local
         self._sent: dict[str, tuple[int, int]] = {}
 
+    @property
+    def remote(self) -> bool:
+        """Whether `uri` is in an object store (else `local` is the folder itself)."""
+        return is_uri(self.uri)
+
+    def name_of(self, path: Path) -> Path | str:
+        """`path`, a file or folder below `local`, as named in the mirrored folder (a URI, or itself)."""
+        if not self.remote:
+            return path
+        rel = Path(path).relative_to(self.local).as_posix()
+        return join(self.uri, rel) if rel != "." else self.uri
+
     def pull(self, under: str = "", skip: tuple[str, ...] = ()) -> None:
-        """Copy the object-store folder into `local` (nothing when it does not exist yet).
+        """Copy the object-store folder into `local` (nothing when it does not exist yet, or is local).
 
         Args:
             under: Copy only this subfolder (`fold-0`). Defaults to `""` (all).
-            skip: Names of subfolders whose files are not copied (`resume`: checkpoints the
-                driver never reads). Defaults to `()`.
+            skip: Names or glob patterns of subfolders and files that are not copied (`resume`:
+                checkpoints the driver never reads; `*.keras`: models a report never reads).
+                Defaults to `()`.
         """
+        if not self.remote:
+            return
         fs, inner = filesystem(self.uri)
         base = posixpath.join(inner, under) if under else inner
         if fs.get_file_info(base).type != pafs.FileType.Directory:
@@ -316,7 +337,7 @@ class FolderMirror:
         pulled = []
         for found in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
             rel = posixpath.relpath(found.path, inner)
-            if found.type != pafs.FileType.File or set(rel.split("/")[:-1]) & set(skip):
+            if found.type != pafs.FileType.File or _skipped(rel, skip):
                 continue
             (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(found.path, str(self.local / rel), source_filesystem=fs, destination_filesystem=_local())
@@ -327,10 +348,15 @@ class FolderMirror:
     def push(self, last: tuple[str, ...] = ()) -> None:
         """Upload the files of `local` that are new or changed since the last push or pull; delete those removed.
 
+        Files that `pull` skipped are neither uploaded nor deleted: they stay in the object store as they were.
+        Nothing happens for a local folder.
+
         Args:
             last: File names uploaded after all others (a file that marks the folder as complete).
                 Defaults to `()`.
         """
+        if not self.remote:
+            return
         state = self._state()
         changed = sorted((rel for rel, st in state.items() if self._sent.get(rel) != st),
                          key=lambda rel: (posixpath.basename(rel) in last, rel))
@@ -353,3 +379,59 @@ class FolderMirror:
                     out[os.path.relpath(os.path.join(root, name), self.local).replace(os.sep, "/")] = (
                         st.st_size, st.st_mtime_ns)
         return out
+
+
+def _skipped(rel: str, skip: tuple[str, ...]) -> bool:
+    """Whether a folder or the file of the relative path `rel` matches a pattern of `skip`."""
+    return any(fnmatch.fnmatchcase(part, pattern) for part in rel.split("/") for pattern in skip)
+
+
+@contextlib.contextmanager
+def mirrored(folder: str | Path, pull_skip: tuple[str, ...] = (), pull: bool = True,
+             push_last: tuple[str, ...] = ()) -> Iterator[FolderMirror]:
+    """A local folder to read and write `folder` through: the folder itself, or a mirror of an object-store one.
+
+    For a URI, a temporary folder named like `folder` (so that `.name` is the same) is filled
+    from the object store, and what was written in it is pushed back on the way out, also when
+    the body raised (the results written before a failure are kept, as they would be on a local
+    disk); the temporary folder is then removed. A failing push after a failure is logged, and
+    the body's error is the one raised.
+
+    Args:
+        folder: A local folder or an `s3://` / `gs://` URI.
+        pull_skip: Names or glob patterns of subfolders and files not to download (see
+            `FolderMirror.pull`). Defaults to `()`.
+        pull: Download the folder on entry. Defaults to `True` (`False`: the caller pulls, e.g.
+            only on Horovod rank 0).
+        push_last: File names uploaded after all others (see `FolderMirror.push`). Defaults to `()`.
+
+    Yields:
+        A `FolderMirror`; write in its `local` folder.
+
+    Example:
+
+    ```python
+    with mirrored("s3://derm/runs/cv1", pull_skip=("resume",)) as run:
+        (run.local / "report").mkdir(exist_ok=True)   # written to s3://derm/runs/cv1/report/ on exit
+    ```
+    """
+    if not is_uri(folder):
+        yield FolderMirror(str(folder), Path(folder))
+        return
+    root = Path(tempfile.mkdtemp(prefix="melanoma-dist-"))
+    mirror = FolderMirror(str(folder).rstrip("/"), root / posixpath.basename(str(folder).rstrip("/")))
+    try:
+        mirror.local.mkdir()
+        if pull:
+            mirror.pull(skip=pull_skip)
+        try:
+            yield mirror
+        except BaseException:
+            try:
+                mirror.push(last=push_last)
+            except Exception as e:  # the body's error is the one to see; this one is logged
+                logger.error("could not upload %s to %s after the error below: %s", mirror.local, mirror.uri, e)
+            raise
+        mirror.push(last=push_last)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

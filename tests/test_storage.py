@@ -207,9 +207,9 @@ def test_train_one_fold_with_dataset_and_results_in_the_bucket(s3, datasets, tmp
     assert not [t for t in texts if FAKE_SECRET in t or FAKE_KEY in t]
 
 
-@pytest.mark.integration
-def test_cv_with_results_in_the_bucket(s3, datasets, monkeypatch):
-    """`run_cv` on a local Ray: each fold pushes its folder, the driver its aggregates; a re-run reads them back."""
+@pytest.fixture(scope="module")
+def cv_in_bucket(s3, datasets) -> dict:
+    """A finished 2-fold `run_cv` with `output_dir` in the bucket, on a local Ray; with the cv config."""
     ray = pytest.importorskip("ray")
     from melanoma_dist.config import config_from_dict
     from melanoma_dist.schedule.cv import run_cv
@@ -217,14 +217,31 @@ def test_cv_with_results_in_the_bucket(s3, datasets, monkeypatch):
 
     out = f"{s3}/runs/cv"
     cfg = config_from_dict(tiny_run(_data("unused", datasets["store"]), out, train={"epochs": 1}))
-    for key in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
-        monkeypatch.setenv(key, "1")  # the two folds share 2 cores fairly
-    # address="local": a Ray of its own (never one running here already); its workers inherit the AWS variables.
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+            mp.setenv(key, "1")  # the two folds share 2 cores fairly
+        # address="local": a Ray of its own (never one running here already); its workers inherit the AWS variables.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_cv(cfg)
+        finally:
+            ray.shutdown()
+    return {"out": out, "cfg": cfg, "summary": summary}
+
+
+@pytest.mark.integration
+def test_cv_with_results_in_the_bucket(cv_in_bucket):
+    """`run_cv` on a local Ray: each fold pushes its folder, the driver its aggregates; a re-run reads them back."""
+    import ray
+
+    from melanoma_dist.schedule.cv import run_cv
+
+    out = cv_in_bucket["out"]
+    assert cv_in_bucket["summary"]["folds_finished"] == [0, 1]
+    first = [storage.info(f"{out}/fold-{f}/metrics.json").mtime for f in (0, 1)]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert run_cv(cfg)["folds_finished"] == [0, 1]
-        first = [storage.info(f"{out}/fold-{f}/metrics.json").mtime for f in (0, 1)]
-        summary = run_cv(cfg)  # the driver finds both results in the bucket
+        summary = run_cv(cv_in_bucket["cfg"])  # the driver finds both results in the bucket
     finally:
         ray.shutdown()
     assert summary["folds_finished"] == [0, 1] and summary["folds_missing"] == []
@@ -234,6 +251,81 @@ def test_cv_with_results_in_the_bucket(s3, datasets, monkeypatch):
             "fold-0", "fold-1"} <= names
     assert json.loads(storage.read_bytes(f"{out}/cv_summary.json"))["folds_finished"] == [0, 1]
     assert FAKE_SECRET not in storage.read_bytes(f"{out}/run_manifest.json").decode()
+
+
+@pytest.mark.integration
+def test_report_export_evaluate_predict_on_a_result_in_the_bucket(cv_in_bucket, datasets, images, tmp_path, capsys):
+    """The evidence commands read a result in the bucket and write there; the report is that of a local copy."""
+    from melanoma_dist.cli import main
+
+    out = cv_in_bucket["out"]
+    local = tmp_path / "cv"  # the same result on disk
+    fs, inner = storage.filesystem(out)
+    pafs.copy_files(inner, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for result in (out, str(local)):
+        assert main(["report", result, "--n-boot", "50"]) == 0
+    assert f"report: {out}/report/report.html" in capsys.readouterr().out
+    assert {"report.html", "report.json", "figures"} <= {n for n, _ in storage.listdir(f"{out}/report")}
+    assert storage.is_file(f"{out}/model_card.md") and storage.is_file(f"{out}/report/figures/roc.png")
+    remote, disk = (json.loads(storage.read_bytes(f"{r}/report/report.json")) for r in (out, local))
+    assert remote["provenance"].pop("result_dir") == out and disk["provenance"].pop("result_dir") == str(local)
+    for key in ("generated", "elapsed_s"):  # when, and how long
+        del remote[key], disk[key]
+    assert remote == disk
+
+    assert main(["export", out, "--n-boot", "20"]) == 0
+    spec = json.loads(storage.read_bytes(f"{out}/export/model.json"))
+    assert spec["provenance"]["result_dir"] == out and spec["members"] == ["folds/fold-0.keras", "folds/fold-1.keras"]
+    assert {"fold-0.keras", "fold-1.keras"} == {n for n, _ in storage.listdir(f"{out}/export/folds")}
+    assert not [n for n, _ in storage.listdir(out) if n.startswith(".")]  # no export's build folder went up
+
+    # The training set as the "external" test set: a model in the bucket, a dataset in the bucket.
+    assert main(["evaluate", f"{out}/export", datasets["store"], "--n-boot", "20"]) == 0
+    ev = json.loads(storage.read_bytes(f"{out}/export/evaluations/synthetic/evaluation.json"))
+    assert ev["model_dir"] == f"{out}/export" and ev["dataset_dir"] == datasets["store"]
+    assert ev["audit_vs_training"]["flagged"] == ev["metrics"]["all"]["num_samples"] == 20  # all seen in training
+    assert "synthetic" in storage.read_bytes(f"{out}/export/model_card.md").decode()
+    assert main(["report", out, "--n-boot", "50"]) == 0  # the report lists the evaluation found in the bucket
+    assert len(json.loads(storage.read_bytes(f"{out}/report/report.json"))["external_evaluations"]) == 1
+
+    image = next(images[0].rglob("*.png"))
+    assert main(["predict", f"{out}/export", str(image), "--json", str(tmp_path / "p.json")]) == 0
+    scored = json.loads((tmp_path / "p.json").read_text())
+    assert scored["model_dir"] == f"{out}/export" and scored["predictions"][0]["ok"]
+
+
+def test_mirrored_folder_pushes_what_was_written_also_after_an_error(s3, tmp_path, monkeypatch, caplog):
+    uri = f"{s3}/mirrored/run"
+    for name, data in (("kept.txt", b"old"), ("gone.txt", b"x"), ("fold-0/resume/ckpt.bin", b"ckpt"),
+                       ("fold-0/model.keras", b"model")):
+        storage.write_bytes(f"{uri}/{name}", data)
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.mirrored(uri, pull_skip=("resume", "*.keras")) as m:
+            copy = m.local
+            assert copy.name == "run" and sorted(p.name for p in copy.rglob("*") if p.is_file()) == [
+                "gone.txt", "kept.txt"]  # neither the checkpoint nor the model came down
+            (copy / "report").mkdir()
+            (copy / "report" / "report.json").write_text("{}")
+            (copy / "gone.txt").unlink()
+            assert m.name_of(copy / "report" / "report.json") == f"{uri}/report/report.json"
+            raise RuntimeError("boom")
+    assert not copy.exists()  # the temporary copy is removed
+    assert storage.read_bytes(f"{uri}/report/report.json") == b"{}"  # written before the error: kept
+    assert not storage.is_file(f"{uri}/gone.txt")  # deleted here: deleted there
+    assert [storage.read_bytes(f"{uri}/{n}") for n in ("kept.txt", "fold-0/resume/ckpt.bin", "fold-0/model.keras")
+            ] == [b"old", b"ckpt", b"model"]  # unchanged or not pulled: left as they were
+
+    # A failing upload after an error is logged; the error raised is the body's.
+    def fail(self, last=()):
+        raise OSError("bucket unreachable")
+
+    monkeypatch.setattr(storage.FolderMirror, "push", fail)
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="boom"):
+        with storage.mirrored(uri):
+            raise RuntimeError("boom")
+    assert "could not upload" in caplog.text and "bucket unreachable" in caplog.text
+    with storage.mirrored(tmp_path) as m:  # a local folder is worked in directly
+        assert m.local == tmp_path and m.name_of(tmp_path / "a") == tmp_path / "a"
 
 
 def test_tune_refuses_an_output_dir_in_a_bucket(capsys):

@@ -150,7 +150,7 @@ class Ensemble:
         model_dir: Where they were loaded from. Defaults to `None`.
     """
 
-    def __init__(self, spec: dict[str, Any], members: Sequence[Any], model_dir: Path | None = None) -> None:
+    def __init__(self, spec: dict[str, Any], members: Sequence[Any], model_dir: Path | str | None = None) -> None:
         if len(members) != len(spec["members"]) or not members:
             raise ModelDirError(f"the ensemble lists {len(spec['members'])} members but {len(members)} were given")
         self.spec = spec

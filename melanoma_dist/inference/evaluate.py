@@ -17,6 +17,10 @@ Label schemes: the test set is reduced to the model's decision. A 7-class (`ham7
 `melanoma` model is scored by its melanoma probability on a `melanoma` or `ham7` test
 set; a `malignant` model needs a `malignant` or `ham7` test set.
 
+Object stores: the model directory, the test set and `out_dir` may be URIs (`s3://...`). The
+model is read from a local copy of its directory (`storage.mirrored`), where the evaluation
+and the refreshed model card are written and then uploaded; the test set is read in place.
+
 Example:
 
 ```python
@@ -27,6 +31,7 @@ ev["metrics"]["deduplicated"]["roc_auc"]   # {'estimate': 0.71, 'low': 0.66, 'hi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -35,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from melanoma_dist import labels as label_schemes
+from melanoma_dist import storage
 from melanoma_dist.data import shards
 from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.data.folds import merge_duplicate_groups
@@ -93,7 +99,7 @@ def decision_labels(model_scheme: str, data_scheme: str, labels: np.ndarray) -> 
         f"{'malignant' if model_scheme == 'malignant' else 'melanoma'} (or ham7 from diagnoses)")
 
 
-def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path) -> list[str]:
+def _check_input(model: Ensemble, manifest: dict, dataset_dir: Path | storage.ObjectPath) -> list[str]:
     """Raise on an image-size mismatch; return notes on other preprocessing differences."""
     spec = model.spec["input"]
     if int(manifest["image_size"]) != model.image_size:
@@ -150,9 +156,9 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
     """Evaluate an exported model on an ingested test set; write evaluation.json and figures.
 
     Args:
-        model_dir: The exported model directory.
-        dataset_dir: An ingested dataset (manifest.json + shards).
-        out_dir: Where to write. Defaults to `None` (`<model_dir>/evaluations/<dataset name>/`).
+        model_dir: The exported model directory: a folder or an object-store URI.
+        dataset_dir: An ingested dataset (manifest.json + shards): a folder or a URI.
+        out_dir: Where to write: a folder or a URI. Defaults to `None` (`<model_dir>/evaluations/<dataset name>/`).
         tta: Test-time augmentation: `none`, `flip` or `dihedral`. Defaults to `None` (the model's setting).
         near_dup_bits: Near-duplicate candidates, dHash bits. Defaults to `None` (the model's, else 4).
         n_boot: Bootstrap replicates. Defaults to `2000`.
@@ -168,9 +174,19 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
         FileNotFoundError: the dataset is not ingested.
         DatasetMismatchError: its classes or image size do not fit the model.
     """
+    with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out
+        model = stack.enter_context(storage.mirrored(model_dir))
+        dest = stack.enter_context(storage.mirrored(out_dir)) if out_dir is not None else None
+        return _evaluate(model.local, storage.as_path(str(dataset_dir)), dest.local if dest else None, tta,
+                         near_dup_bits, n_boot, seed, near_dup_corr, shown_model_dir=model.uri if model.remote else "")
+
+
+def _evaluate(model_dir: Path, data_dir: Path | storage.ObjectPath, out_dir: Path | None, tta: str | bool | None,
+              near_dup_bits: int | None, n_boot: int, seed: int, near_dup_corr: float | None | str,
+              shown_model_dir: str) -> dict:
+    """`evaluate` with the model (and `out_dir`) in local folders; `shown_model_dir`: the model's URI, if a copy."""
     start = time.perf_counter()
     model = Ensemble.load(model_dir)
-    data_dir = Path(dataset_dir)
     manifest = shards.load_manifest(data_dir)
     table = shards.read_columns(data_dir, [shards.IMAGE_ID, shards.LABEL, shards.GROUP, shards.PIXEL_SHA256])
     labels = table[shards.LABEL].to_numpy()
@@ -188,7 +204,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
     p = probs[:, model.decision_index]
 
     test_set = ImageSet.from_dataset(data_dir, name=data_dir.name)
-    train_dir = Path(model.spec["provenance"].get("dataset_dir", ""))
+    train_dir = storage.as_path(model.spec["provenance"].get("dataset_dir", ""))
     try:
         audit = dict(audit_train_test(ImageSet.from_dataset(train_dir, name=train_dir.name), test_set, bits, corr),
                      available=True, train_dataset_dir=str(train_dir))
@@ -213,11 +229,11 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
     ev = {
         "kind": "melanoma-dist external evaluation",
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dataset_name": name, "dataset_dir": str(data_dir.resolve()),
+        "dataset_name": name, "dataset_dir": str(data_dir.resolve() if isinstance(data_dir, Path) else data_dir),
         "data_manifest_sha256": file_sha256(data_dir / shards.MANIFEST),
         "data_label_scheme": manifest["label_scheme"], "data_counts": manifest["counts"],
         "data_sources": [dict(s, licence=source_licence(s)) for s in manifest["sources"]],
-        "model_dir": str(Path(model_dir).resolve()), "model_label_scheme": model.spec["label_scheme"],
+        "model_dir": shown_model_dir or str(model_dir.resolve()), "model_label_scheme": model.spec["label_scheme"],
         "decision_class": model.decision_class, "threshold": model.threshold,
         "temperature": model.temperature, "tta": model.tta if tta is None else tta_mode(tta),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "unit": "lesion group (identical images merged)"
@@ -229,7 +245,7 @@ def evaluate(model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path
         "audit_vs_training": audit,
         "audit_within_test_set": within,
     }
-    out = Path(out_dir) if out_dir is not None else Path(model_dir) / EVALUATIONS_DIR / name
+    out = out_dir if out_dir is not None else model_dir / EVALUATIONS_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     curves = [("all images", y, p)]
     if "deduplicated" in metrics:

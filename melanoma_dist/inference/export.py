@@ -5,7 +5,9 @@ decision threshold on those predictions (`report.calibration`), and writes the m
 directory described in `inference.ensemble` (fold models, model.json, model card,
 evidence). The directory is built beside its target and moved in place at the end, so an
 interrupted export leaves no half-written model; an earlier export at the same place is
-replaced (its evaluations with it: they belong to the old model).
+replaced (its evaluations with it: they belong to the old model). The result directory and the
+model directory may be object-store URIs (`s3://...`): the export is built in local copies
+(`storage.mirrored`) and uploaded at the end, the old export's objects deleted.
 
 Example:
 
@@ -16,6 +18,7 @@ model_dir = export_model("runs/quick-cpu", target_sensitivity=0.9, tta="dihedral
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -25,6 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from melanoma_dist import storage
 from melanoma_dist.data import shards
 from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.inference.tta import tta_mode, view_names
@@ -110,12 +114,12 @@ def _write_member(fold_model: Path, member: Path) -> None:
 def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
                  target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, tta: str | bool = "none",
                  near_dup_bits: int = DEFAULT_NEAR_DUP_BITS, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                 near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> Path:
+                 near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> Path | str:
     """Export the K fold models of a finished run as one calibrated ensemble.
 
     Args:
-        result_dir: The `output_dir` of a finished `melanoma-dist cv` run.
-        out_dir: The model directory to write. Defaults to `None` (`<result_dir>/export`).
+        result_dir: The `output_dir` of a finished `melanoma-dist cv` run: a folder or an object-store URI.
+        out_dir: The model directory to write: a folder or a URI. Defaults to `None` (`<result_dir>/export`).
         target_sensitivity: Decision-class sensitivity of the stored threshold. Defaults to `0.90`.
         tta: The stored test-time augmentation: `none`, `flip` or `dihedral`. Defaults to `"none"`.
         near_dup_bits: Near-duplicate candidates (dHash bits) of the audits. Defaults to `4`.
@@ -125,22 +129,36 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
             stored in model.json for `evaluate`. Defaults to `0.97`.
 
     Returns:
-        The model directory.
+        The model directory (a URI when it is in an object store).
 
     Raises:
         ResultError: the run is missing, unfinished (some fold has no model) or inconsistent.
         FileExistsError: `out_dir` exists and is not an exported model.
         ModelDirError: a fold model's shape does not match the run's classes or image size.
     """
-    result = CVResult.load(result_dir)
+    with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out
+        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=("resume",)))
+        # Built beside its target and renamed into place: the mirror is named like out_dir, in a folder of its own.
+        dest = stack.enter_context(storage.mirrored(out_dir)) if out_dir is not None else run
+        result = CVResult.load(run.local, origin=run.uri if run.remote else "")
+        out = dest.local if out_dir is not None else run.local / DEFAULT_EXPORT_DIR
+        spec = _export(result, out, target_sensitivity, tta, near_dup_bits, n_boot, seed, near_dup_corr)
+        named = dest.name_of(out)
+    logger.info("exported %d fold models to %s (T=%.3f, threshold %.4f)", len(spec["members"]), named,
+                spec["calibration"]["temperature"], spec["operating_point"]["threshold"])
+    return named
+
+
+def _export(result: CVResult, out: Path, target_sensitivity: float, tta: str | bool, near_dup_bits: int,
+            n_boot: int, seed: int, near_dup_corr: float | None) -> dict[str, Any]:
+    """`export_model` of a loaded result, into the local folder `out`; return its model.json."""
     if not result.complete:
-        raise ResultError(f"folds {result.missing_folds} of {result.result_dir} have not finished: an ensemble "
+        raise ResultError(f"folds {result.missing_folds} of {result.location} have not finished: an ensemble "
                           f"needs every fold; finish the run with `melanoma-dist cv --config "
-                          f"{result.result_dir / CONFIG_FILE}` (finished folds are kept)")
-    absent = [str(fr.model_path) for fr in result.folds if not fr.model_path.is_file()]
+                          f"{storage.join(result.location, CONFIG_FILE)}` (finished folds are kept)")
+    absent = [fr.fold for fr in result.folds if not fr.model_path.is_file()]
     if absent:
-        raise ResultError(f"fold model(s) {absent} are missing: re-run those folds")
-    out = Path(out_dir) if out_dir is not None else result.result_dir / DEFAULT_EXPORT_DIR
+        raise ResultError(f"the model of fold(s) {absent} is missing in {result.location}: re-run those folds")
     ensure_replaceable(out, MODEL_JSON, "--out", "an exported model")
     ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)
     members = [f"folds/fold-{fr.fold}.keras" for fr in result.folds]
@@ -169,9 +187,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %d fold models to %s (T=%.3f, threshold %.4f)", len(members), out,
-                spec["calibration"]["temperature"], spec["operating_point"]["threshold"])
-    return out
+    return spec
 
 
 __all__ = ["export_model", "build_model_json", "ModelDirError", "DEFAULT_EXPORT_DIR"]

@@ -3,7 +3,9 @@
 Writes `report.html` (self-contained: inline CSS, PNG figures next to it in
 `figures/`), `report.json` (every number of the page, every fold) and `model_card.md`.
 By default the report goes to `<result>/report/` and the model card to
-`<result>/model_card.md`; with `out_dir` both go there.
+`<result>/model_card.md`; with `out_dir` both go there. The result directory and `out_dir`
+may be object-store URIs (`s3://...`): they are read and written through local copies
+(`storage.mirrored`), without the checkpoints and models a report never reads.
 
 Example:
 
@@ -15,10 +17,12 @@ paths["html"]  # PosixPath('runs/quick-cpu/report/report.html')
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
+from melanoma_dist import storage
 from melanoma_dist.report import plots
 from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS, read_pixels_by_id
 from melanoma_dist.report.bootstrap import DEFAULT_N_BOOT
@@ -34,6 +38,8 @@ FIGURES_DIR = "figures"
 DEFAULT_REPORT_DIR = "report"
 """Default report folder, inside the result directory."""
 EVALUATION_FILE = "evaluation.json"
+REPORT_PULL_SKIP = ("resume", "*.keras")
+"""What a report never reads of a result in an object store: resume checkpoints and models (fold and exported)."""
 
 
 def find_evaluations(result_dir: Path) -> list[dict]:
@@ -106,13 +112,13 @@ def draw_figures(result: CVResult, ev: dict, fig_dir: Path) -> dict[str, Path]:
 def write_report(result_dir: str | Path, out_dir: str | Path | None = None,
                  target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
                  near_dup_bits: int = DEFAULT_NEAR_DUP_BITS, n_boot: int = DEFAULT_N_BOOT,
-                 seed: int = 0, near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> dict[str, Path]:
+                 seed: int = 0, near_dup_corr: float | None = DEFAULT_MIN_CORRELATION) -> dict[str, Path | str]:
     """Write the report, its JSON summary and the model card of a cross-validation run.
 
     Args:
-        result_dir: The `output_dir` of a `melanoma-dist cv` run.
-        out_dir: Where to write. Defaults to `None` (`<result_dir>/report/`, and the model
-            card to `<result_dir>/model_card.md`).
+        result_dir: The `output_dir` of a `melanoma-dist cv` run: a folder or an object-store URI.
+        out_dir: Where to write: a folder or a URI. Defaults to `None` (`<result_dir>/report/`,
+            and the model card to `<result_dir>/model_card.md`).
         target_sensitivity: Decision-class sensitivity of the threshold. Defaults to `0.90`.
         near_dup_bits: Near-duplicate candidates of the audit: dHash distance in bits. Defaults to `4`.
         n_boot: Bootstrap replicates. Defaults to `2000`.
@@ -121,14 +127,26 @@ def write_report(result_dir: str | Path, out_dir: str | Path | None = None,
             Defaults to `0.97`.
 
     Returns:
-        Paths of `html`, `json` and `model_card`.
+        Paths (URIs for an object store) of `html`, `json` and `model_card`.
 
     Raises:
         ResultError: the result directory is missing or has no finished fold.
     """
-    result = CVResult.load(result_dir)
-    out = Path(out_dir) if out_dir is not None else result.result_dir / DEFAULT_REPORT_DIR
-    card_path = out / "model_card.md" if out_dir is not None else result.result_dir / "model_card.md"
+    with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out, also after an error
+        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=REPORT_PULL_SKIP))
+        dest = stack.enter_context(storage.mirrored(out_dir)) if out_dir is not None else run
+        result = CVResult.load(run.local, origin=run.uri if run.remote else "")
+        out = dest.local if out_dir is not None else run.local / DEFAULT_REPORT_DIR
+        card_path = (out if out_dir is not None else run.local) / "model_card.md"
+        paths = _write_report(result, out, card_path, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr)
+        named = {key: dest.name_of(p) for key, p in paths.items()}
+    logger.info("report written to %s; model card %s", named["html"], named["model_card"])
+    return named
+
+
+def _write_report(result: CVResult, out: Path, card_path: Path, target_sensitivity: float, near_dup_bits: int,
+                  n_boot: int, seed: int, near_dup_corr: float | None) -> dict[str, Path]:
+    """`write_report` of a loaded result, into the local folder `out` and the file `card_path`."""
     out.mkdir(parents=True, exist_ok=True)
     ev = summarize(result, target_sensitivity, near_dup_bits, n_boot, seed, near_dup_corr=near_dup_corr)
     ev["tune"] = tune_evidence(result.result_dir)
@@ -140,7 +158,7 @@ def write_report(result_dir: str | Path, out_dir: str | Path | None = None,
     (out / "report.json").write_text(json.dumps(ev, indent=2) + "\n")
     (out / "report.html").write_text(render_report(ev, rel, evaluations))
     card_path.write_text(render_model_card(ev, evaluations=evaluations))
-    logger.info("report written to %s (%d figures); model card %s", out / "report.html", len(rel), card_path)
+    logger.debug("%d figures drawn in %s", len(rel), out / FIGURES_DIR)
     return {"html": out / "report.html", "json": out / "report.json", "model_card": card_path}
 
 

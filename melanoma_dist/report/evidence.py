@@ -137,7 +137,7 @@ def _provenance(result: CVResult) -> dict:
     nodes = sorted({str(fr.metrics.get("node_id")) for fr in result.folds if fr.metrics.get("node_id")})
     hosts = sorted({str(fr.metrics.get("host")) for fr in result.folds if fr.metrics.get("host")})
     return {
-        "result_dir": str(result.result_dir.resolve()),
+        "result_dir": result.location,
         "command": rm.get("command"), "ray_address": rm.get("ray_address"),
         "versions": rm.get("versions", {}), "data_manifest_sha256": rm.get("data_manifest_sha256"),
         "config_sha256": result.config_sha256(), "seeds": rm.get("seeds", {

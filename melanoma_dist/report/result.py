@@ -103,6 +103,8 @@ class CVResult:
     oof_labels: np.ndarray
     oof_probs: np.ndarray
     missing_folds: list[int] = field(default_factory=list)
+    origin: str = ""
+    """Where the result lives when `result_dir` is a local copy of it (an object-store URI); else empty."""
 
     @property
     def decision_index(self) -> int:
@@ -118,20 +120,31 @@ class CVResult:
         return as_path(self.config["data"]["dataset_dir"])  # an ObjectPath for a dataset in an object store
 
     @property
+    def location(self) -> str:
+        """The result directory as the user named it: `origin`, else `result_dir` made absolute."""
+        return self.origin or str(self.result_dir.resolve())
+
+    @property
     def complete(self) -> bool:
         return not self.missing_folds
 
     @classmethod
-    def load(cls, result_dir: str | Path) -> "CVResult":
+    def load(cls, result_dir: str | Path, origin: str = "") -> "CVResult":
         """Load a result directory written by `melanoma-dist cv`.
+
+        Args:
+            result_dir: The result directory (a local one, or a local copy: `storage.mirrored`).
+            origin: The object-store URI `result_dir` is a copy of, named in errors and the
+                evidence. Defaults to `""` (`result_dir` is the result itself).
 
         Raises:
             ResultError: the directory or its config is missing, no fold has finished,
                 or the folds disagree on the classes.
         """
         out = Path(result_dir)
-        if not out.is_dir():
-            raise ResultError(f"result directory {out} does not exist: give the output_dir of a "
+        shown = origin or out  # errors name the result, not a temporary copy of it
+        if not out.is_dir() or (origin and not any(out.iterdir())):  # an empty copy: nothing under the URI
+            raise ResultError(f"result directory {shown} does not exist: give the output_dir of a "
                               f"`melanoma-dist cv` run")
         manifest_path = out / RUN_MANIFEST
         run_manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -140,12 +153,12 @@ class CVResult:
         elif (out / CONFIG_FILE).is_file():
             config = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
         else:
-            raise ResultError(f"{out} has neither {RUN_MANIFEST} nor {CONFIG_FILE}: it is not a "
+            raise ResultError(f"{shown} has neither {RUN_MANIFEST} nor {CONFIG_FILE}: it is not a "
                               f"`melanoma-dist cv` result directory")
         k = int(config.get("folds", {}).get("k", 0))
         scheme = config.get("data", {}).get("label_scheme", "")
         if k < 2 or scheme not in label_schemes.SCHEMES:
-            raise ResultError(f"{out}: the run's config has folds.k={k!r} and data.label_scheme={scheme!r}; "
+            raise ResultError(f"{shown}: the run's config has folds.k={k!r} and data.label_scheme={scheme!r}; "
                               f"expected k >= 2 and one of {list(label_schemes.SCHEMES)}")
         folds = []
         for f in range(k):
@@ -154,11 +167,11 @@ class CVResult:
                 folds.append(FoldResult(f, json.loads((d / METRICS_FILE).read_text()),
                                         read_history(d / "history.csv"), d / "model.keras"))
         if not folds:
-            raise ResultError(f"no finished fold in {out} (no fold-K/{METRICS_FILE}): run or finish "
-                              f"`melanoma-dist cv --config {out / CONFIG_FILE}` first")
+            raise ResultError(f"no finished fold in {shown} (no fold-K/{METRICS_FILE}): run or finish "
+                              f"`melanoma-dist cv --config {storage.join(shown, CONFIG_FILE)}` first")
         missing = [f for f in range(k) if f not in {fr.fold for fr in folds}]
         if missing:
-            logger.warning("%s: folds %s have not finished; reporting on folds %s only", out, missing,
+            logger.warning("%s: folds %s have not finished; reporting on folds %s only", shown, missing,
                            [fr.fold for fr in folds])
         names = tuple(folds[0].metrics["class_names"])
         for fr in folds:
@@ -166,7 +179,7 @@ class CVResult:
                 raise ResultError(f"fold {fr.fold} has classes {fr.metrics['class_names']} but fold "
                                   f"{folds[0].fold} has {list(names)}: the folds come from different runs")
         if names != label_schemes.class_names(scheme):
-            raise ResultError(f"{out}: the folds have classes {list(names)} but label scheme {scheme!r} "
+            raise ResultError(f"{shown}: the folds have classes {list(names)} but label scheme {scheme!r} "
                               f"has {list(label_schemes.class_names(scheme))}")
         fold_col, ids, groups, labels, probs = [], [], [], [], []
         for fr in folds:
@@ -186,7 +199,7 @@ class CVResult:
         return cls(out, config, run_manifest, summary, folds, k, names, scheme,
                    np.asarray(fold_col, dtype=np.int64), np.asarray(ids, dtype=object),
                    np.asarray(groups, dtype=object), np.asarray(labels, dtype=np.int64),
-                   np.asarray(probs, dtype=np.float64).reshape(-1, len(names)), missing)
+                   np.asarray(probs, dtype=np.float64).reshape(-1, len(names)), missing, origin)
 
     def config_sha256(self) -> str:
         """SHA-256 of the run's config (canonical JSON), identifying how the models were trained."""

@@ -23,9 +23,7 @@ import math
 import os
 import platform
 import re
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -308,19 +306,32 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     Raises:
         FoldFailed: some fold failed on every attempt (the others are still aggregated).
     """
-    import ray
-
     start = time.time()
     cfg = absolute_paths(cfg)
     # The driver is the only writer of the dataset and the folds (ingested on the cluster when there is one).
     manifest, fold_of_row = prepare(cfg, address)
     wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
     fingerprints = fold_fingerprints(cfg, manifest, fold_of_row, wanted)
-    mirror = None
-    if is_uri(cfg.output_dir):  # the driver works in a local mirror; each fold pushes its own folder
-        mirror = storage.FolderMirror(cfg.output_dir, Path(tempfile.mkdtemp(prefix="melanoma-dist-cv-")))
-        mirror.pull(skip=("resume",))
-    out = mirror.local if mirror is not None else Path(cfg.output_dir)
+    # The driver works in a local mirror of an object-store output_dir, pushed on the way out (also after an
+    # error: its files so far are kept, as on a disk); each fold pushes its own folder.
+    with storage.mirrored(cfg.output_dir, pull_skip=("resume",)) as mirror:
+        failures = _run_folds(cfg, mirror, wanted, fingerprints, address)
+        summary = aggregate_cv(mirror.local, cfg.folds.k,
+                               label_schemes.reported_melanoma_index(cfg.data.label_scheme))
+        summary["wall_time_s"] = round(time.time() - start, 1)
+        (mirror.local / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if failures:
+        raise FoldFailed(f"{len(failures)} fold(s) failed: {failures}; finished folds are kept in {cfg.output_dir}; "
+                         f"run `melanoma-dist cv` again with the same output_dir to retry only those")
+    return summary
+
+
+def _run_folds(cfg: Config, mirror: storage.FolderMirror, wanted: list[int],
+               fingerprints: dict[int, dict[str, str]], address: str) -> dict[int, str]:
+    """Run the unfinished folds of `wanted` on Ray, the driver's files in `mirror.local`; return {failed fold: why}."""
+    import ray
+
+    out = mirror.local
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
 
@@ -340,8 +351,7 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     def one(fold: int) -> None:
         try:
             m = run_fold_with_retries(cfg, fold, stop=stop)
-            if mirror is not None:  # its results, for the count below and the aggregation
-                mirror.pull(fold_dir("", fold).name, skip=("resume",))
+            mirror.pull(fold_dir("", fold).name, skip=("resume",))  # its results, for the count and aggregation
             logger.info("fold %d finished on node %s: balanced accuracy %s, ROC-AUC %s (%d of %d folds done)",
                         fold, str(m.get("node_id", "?"))[:8], format_metric(m["balanced_accuracy"]),
                         format_metric(m["roc_auc"]),
@@ -362,13 +372,4 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     finally:
         if started_ray:
             ray.shutdown()
-    summary = aggregate_cv(out, cfg.folds.k, label_schemes.reported_melanoma_index(cfg.data.label_scheme))
-    summary["wall_time_s"] = round(time.time() - start, 1)
-    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if mirror is not None:  # the driver's files (config, run manifest, aggregates, discarded results) go up
-        mirror.push()
-        shutil.rmtree(mirror.local, ignore_errors=True)
-    if failures:
-        raise FoldFailed(f"{len(failures)} fold(s) failed: {failures}; finished folds are kept in {out}; "
-                         f"run `melanoma-dist cv` again with the same output_dir to retry only those")
-    return summary
+    return failures

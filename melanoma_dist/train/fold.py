@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,13 +299,11 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
     """
     if not is_uri(cfg.output_dir):
         return _train_fold(cfg, fold, extra)
-    with tempfile.TemporaryDirectory(prefix=f"melanoma-dist-fold-{fold}-") as local:
-        # The config keeps the URI: it is part of the checkpoint's key (`checkpoint.resume_key`).
-        mirror = storage.FolderMirror(storage.join(cfg.output_dir, fold_dir("", fold).name), fold_dir(local, fold))
-        metrics = _train_fold(cfg, fold, extra, mirror)
-        if metrics is not None:
-            mirror.push(last=(METRICS_FILE,))
-        return metrics
+    # The config keeps the URI: it is part of the checkpoint's key (`checkpoint.resume_key`). Horovod: rank 0
+    # alone pulls (in `_train_fold`) and writes; the other ranks' folders stay empty, so their push sends nothing.
+    with storage.mirrored(storage.join(cfg.output_dir, fold_dir("", fold).name), pull=False,
+                          push_last=(METRICS_FILE,)) as mirror:
+        return _train_fold(cfg, fold, extra, mirror)
 
 
 def _train_fold(cfg: Config, fold: int, extra: dict | None = None,
