@@ -3,7 +3,7 @@
 Question (issue 14): does ingest keep its speed per core and its memory as a collection grows
 from 10k to 100k images; does one training worker's input side stay within its memory bound
 at 1M rows; what does reading the shards from an object store cost against local disk; and
-what does the row index take at 1M rows?
+what does the row index take at 1M rows; and does ingest at 512 px stay within its bound?
 
     python benchmarks/bench_scale.py                 # 100k synthetic images at 128 px (~15 min on 2 cores)
     python benchmarks/bench_scale.py --smoke         # seconds; checks that it runs
@@ -27,6 +27,9 @@ How (one run, same machine):
   100k dataset's rows written 10 times under new ids: real images, 5 GB).
 - Row index at 1M rows: the bytes of `RowIndex`'s Arrow/NumPy arrays, against the RSS that the
   same ids and groups take as one Python `str` per row (measured in the same process).
+- Large images: the 10,015 HAM10000 originals (600x450) ingested at 128 and at 512 px: peak
+  RSS of the driver and of the largest pool worker, and the shard count (shards are cut at
+  `data.shard_bytes`, 64 MiB, so memory should grow by at most a few shards' bytes).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from typing import Any, Iterator
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import HAM_DIR, Report, base_parser, ham_subset, main_guard, run_child, setup_logging
+from benchmarks._common import (HAM_DIR, Report, base_parser, ham_subset, jpeg_tree, main_guard, run_child,
+                                setup_logging)
 
 BUCKET = "bench"
 VARIANTS = 12
@@ -65,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
                                                 "(default 10: 1M rows; smoke 3)")
     p.add_argument("--measure-images", type=int, help="images timed per input-side run (default 8,192; smoke 64)")
     p.add_argument("--size", type=int, default=128, help="image size in px (default 128)")
+    p.add_argument("--large-size", type=int, help="the large-image ingest's size in px, against --size "
+                                                  "(default 512; smoke 96)")
     p.add_argument("--no-s3", action="store_true", help="skip the moto S3 rows")
     return p.parse_args(argv)
 
@@ -138,8 +144,6 @@ def subset_tree(tree: Path, n: int) -> Path:
 
 def replicate(dataset: Path, out: Path, copies: int) -> Path:
     """A dataset with the rows of `dataset` `copies` times over, under new ids (`<id>~<copy>`)."""
-    import dataclasses
-
     import pyarrow.parquet as pq
 
     from melanoma_dist.config import DataConfig
@@ -157,8 +161,7 @@ def replicate(dataset: Path, out: Path, copies: int) -> Path:
                     row[shards.IMAGE_ID] = f"{row[shards.IMAGE_ID]}~{c}"
                     yield row
 
-    shard_bytes = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "shard_bytes")
-    names = shards.write_shards(rows(), out, int(manifest["rows_per_shard"]), shard_bytes)
+    names = shards.write_shards(rows(), out, int(manifest["rows_per_shard"]), DataConfig.shard_bytes)
     shards.write_manifest(out, {**manifest, "shards": names, "num_shards": len(names),
                                 "num_images": copies * manifest["num_images"]})
     return out
@@ -268,6 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     big = replicate(datasets[n], work / "scale" / f"dataset-{n * copies}", copies)
     inputs = {k: run_pipeline(f"{k:,} rows", datasets[k], args, work) for k in (small, n)}
     inputs[n * copies] = run_pipeline(f"{n * copies:,} rows", big, args, work, python_objects=True)
+    # Large images: the HAM10000 originals (600x450) at --size and at --large-size.
+    large = args.large_size or (96 if smoke else 512)
+    ham = jpeg_tree(work, small if smoke else None)
+    sizes = {px: run_ingest(f"HAM10000 at {px} px", ham, work / "scale" / f"ham-{px}px", px, work)
+             for px in (args.size, large)}
+    for px, r in sizes.items():
+        r["shards"] = len(list((work / "scale" / f"ham-{px}px").glob("shard-*.parquet")))
     s3: dict[str, Any] = {}
     if not args.no_s3:
         with moto_s3(work) as env:
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                                       f"s3://{BUCKET}/dataset-{small}", args.size, work, env)
             s3["upload_dataset_s"] = upload_dir(datasets[n], f"s3://{BUCKET}/dataset-{n}", env)
             s3["input"] = run_pipeline(f"{n:,} rows from the bucket", f"s3://{BUCKET}/dataset-{n}", args, work, env)
-    report.results = {"ingest": ingests, "input": inputs, "s3": s3,
+    report.results = {"ingest": ingests, "input": inputs, "s3": s3, "image_sizes": sizes,
                       "dataset_bytes": {k: sum(p.stat().st_size for p in d.glob("shard-*.parquet"))
                                         for k, d in datasets.items()}}
 
@@ -300,6 +310,18 @@ def main(argv: list[str] | None = None) -> None:
                inputs[a]["images_per_s"], "img/s", ratio_label=f"{k(c)}/{k(a)}")
     report.row(f"row index at {k(c)} rows: Arrow arrays vs one Python str per id and group",
                mib(inputs[c]["index_bytes"]), mib(inputs[c]["python_object_index_bytes"]), "MiB")
+    from melanoma_dist.config import DataConfig
+
+    budget = 3 * DataConfig.shard_bytes  # a shard's rows, its Arrow table and the file being written
+    grew = sizes[large]["driver_peak_rss"] - sizes[args.size]["driver_peak_rss"]
+    report.row(f"ingest peak RSS of the driver, HAM10000 at {large} vs {args.size} px "
+               f"({sizes[large]['shards']} vs {sizes[args.size]['shards']} shards)",
+               mib(sizes[large]["driver_peak_rss"]), mib(sizes[args.size]["driver_peak_rss"]), "MiB",
+               ratio_label=f"{large}/{args.size} px", target=f"grows <= 3 shards' bytes ({mib(budget):.0f} MiB)",
+               met=grew <= budget)
+    report.row(f"ingest peak RSS of the largest pool worker, HAM10000 at {large} vs {args.size} px",
+               mib(sizes[large]["worker_peak_rss"]), mib(sizes[args.size]["worker_peak_rss"]), "MiB",
+               ratio_label=f"{large}/{args.size} px")
     if s3:
         report.row(f"input side img/s of one worker, {k(b)} rows, S3 (moto) vs local disk",
                    s3["input"]["images_per_s"], inputs[b]["images_per_s"], "img/s", ratio_label="S3/local")

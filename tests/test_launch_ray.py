@@ -30,7 +30,7 @@ from melanoma_dist.cli import build_parser
 from melanoma_dist.config import load_config
 from melanoma_dist.submit import jobs
 from melanoma_dist.submit.command import command_argv
-from tests.synthetic import make_dataset
+from tests.synthetic import make_dataset, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -175,15 +175,11 @@ def ray_cluster():
 
 
 def _tiny_cv_config(tmp_path: Path, **sections: dict) -> Path:
-    """A tiny `cv` config file; each keyword adds a section (`tune={...}`)."""
+    """A tiny `cv` config file (`synthetic.tiny_run`, one epoch, no retries); each keyword updates a section."""
     data = make_dataset(tmp_path, image_size=16, k=2)
-    raw = {"data": json.loads(json.dumps(dataclasses.asdict(data))),
-           "folds": {"k": 2, "seed": 42},
-           "pipeline": {"batch_size": 8, "shuffle_buffer": 64},
-           "model": {"filters": [4, 8], "convs_per_block": 1, "dense_units": 8},
-           "train": {"epochs": 1, "warmup_epochs": 0},
-           "distributed": {"workers_per_fold": 1, "cpus_per_worker": 1, "max_retries": 0},
-           "output_dir": str(tmp_path / "cv"), **sections}
+    raw = tiny_run(data, tmp_path / "cv", pipeline={"batch_size": 8, "shuffle_buffer": 64},
+                   train={"epochs": 1, "warmup_epochs": 0}, distributed={"max_retries": 0}, **sections)
+    raw["data"] = json.loads(json.dumps(dataclasses.asdict(data)))  # with its sources: the job ingests on demand
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
