@@ -1,6 +1,6 @@
 """Run every benchmark, then write the Markdown table `results/latest.md`.
 
-    python benchmarks/run_all.py                 # full run (about 45 min on 2 idle cores)
+    python benchmarks/run_all.py                 # full run (about 60 min on 2 idle cores)
     python benchmarks/run_all.py --smoke         # tiny sizes, overlapped: checks that everything runs (CI)
     python benchmarks/run_all.py --only bench_pipeline,bench_memory --out-dir /tmp/results
 

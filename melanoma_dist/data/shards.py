@@ -160,8 +160,9 @@ def _batches(rows: Iterable[Mapping[str, Any]] | pa.Table, max_rows: int,
 
     # A length comes out once the row after the shard was seen (and buffered), or at the end.
     for length in _shard_lengths(sizes(), max_rows, max_bytes):
-        yield _to_table(buf[:length])
-        del buf[:length]
+        table = _to_table(buf[:length])
+        del buf[:length]  # before the table is written: one copy of the shard's images in memory, not two
+        yield table
 
 
 def _shard_lengths(sizes: Iterable[int], max_rows: int, max_bytes: int | None) -> Iterator[int]:
