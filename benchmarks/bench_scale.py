@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--large-size", type=int, help="the large-image ingest's size in px, against --size "
                                                   "(default 512; smoke 96)")
     p.add_argument("--no-s3", action="store_true", help="skip the moto S3 rows")
+    p.add_argument("--ingest-only", type=int, metavar="N",
+                   help="only ingest N images (hard-linked copies of the synthetic set beyond --images) and write "
+                        "bench_scale_ingest.json: the 1M-image ingest, ~15 min on 2 cores")
     return p.parse_args(argv)
 
 
@@ -140,6 +143,42 @@ def subset_tree(tree: Path, n: int) -> Path:
             link.symlink_to(f)
     marker.write_text(f"{len(files)}\n")
     return root
+
+
+def copies_tree(tree: Path, n: int) -> Path:
+    """A tree of `n` files: hard links to the images of `tree` under new names (`<id>_c<k>.jpg`), k = 0, 1, ..."""
+    root = tree.parent / f"{tree.name}-copies{n}"
+    marker = root / ".complete"
+    if marker.is_file():
+        return root
+    files = sorted(tree.rglob("*.jpg"))
+    for i in range(n):
+        f = files[i % len(files)]
+        link = root / f.parent.name / f"{f.stem}_c{i // len(files)}.jpg"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            os.link(f, link)
+    marker.write_text(f"{n}\n")
+    return root
+
+
+def ingest_only(args: Any, n: int) -> None:
+    """Ingest `args.ingest_only` images into a throw-away dataset; report its speed and peak RSS."""
+    work = args.work_dir
+    count = args.ingest_only
+    tree = copies_tree(synthetic_tree(work, n), count) if count > n else subset_tree(synthetic_tree(work, n), count)
+    report = Report("bench_scale_ingest", args.smoke, {"images": count, "size": args.size, "ingest_workers": WORKERS})
+    out = work / "scale" / f"dataset-ingest-{count}"
+    r = run_ingest(f"{count:,} local", tree, out, args.size, work)
+    shutil.rmtree(out, ignore_errors=True)
+    report.results = {"ingest": r}
+    report.row(f"ingest of {count:,} images: img/s per core", r["per_core_images_per_s"], unit="img/s/core")
+    report.row(f"ingest of {count:,} images: peak RSS of the driver", mib(r["driver_peak_rss"]), unit="MiB")
+    report.row(f"ingest of {count:,} images: peak RSS of the largest pool worker", mib(r["worker_peak_rss"]),
+               unit="MiB")
+    report.notes.append("beyond the synthetic set the files are hard links under new names: the same bytes, "
+                        "decoded again")
+    report.write(args.out_dir)
 
 
 def replicate(dataset: Path, out: Path, copies: int) -> Path:
@@ -258,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     small = args.small or (60 if smoke else 10_000)
     copies = args.replicas or (3 if smoke else 10)
     args.measure_images = args.measure_images or (64 if smoke else 8192)
+    if args.ingest_only:
+        return ingest_only(args, n)
     work = args.work_dir
     report = Report("bench_scale", smoke, {"images": n, "small": small, "replicas": copies, "size": args.size,
                                            "measure_images": args.measure_images, "ingest_workers": WORKERS})
