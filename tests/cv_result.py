@@ -53,7 +53,7 @@ def make_cv_result(tmp: Path) -> CVRun:
     out = tmp / "run"
     # Each fold's worker gets one thread pool, so the two folds share 2 cores fairly.
     os.environ.update(OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
         run_cv(tiny_cv_config(data, out))
     finally:
