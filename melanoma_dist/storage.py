@@ -32,7 +32,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
@@ -133,6 +133,23 @@ def listdir(path: str | Path) -> list[tuple[str, bool]]:
     except NotADirectoryError:
         return []
     return sorted((posixpath.basename(i.path), i.type == pafs.FileType.Directory) for i in found)
+
+
+def stat_many(paths: Sequence[str]) -> list[tuple[int, int] | None]:
+    """Size and modification time (ns) of each file or object, None for one that cannot be read.
+
+    Local files are statted one by one; object URIs through `stat_objects` (one listing per folder).
+    """
+    in_store = stat_objects([p for p in paths if is_uri(p)])
+    return [in_store[p] if is_uri(p) else _stat_local(p) for p in paths]
+
+
+def _stat_local(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def stat_objects(paths: Iterable[str]) -> dict[str, tuple[int, int] | None]:

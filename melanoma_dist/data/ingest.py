@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import logging
 import multiprocessing
@@ -48,13 +49,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
+
 from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
 from melanoma_dist.data.fingerprint import fingerprint
 from melanoma_dist.data.images import BadImageError, PreparedImage, prepare_image
 from melanoma_dist.data.ingest_ray import ray_image_map, use_ray
 from melanoma_dist.data.shards import COLUMNS, MANIFEST, SCHEMA_VERSION, own_files, write_manifest, write_shards
-from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceRecord, SourceScan, scan_source
+from melanoma_dist.data.records import Records, shared_ids
+from melanoma_dist.data.sources import UNLABELLED_SAMPLE, SkippedItem, SourceScan, scan_source
 from melanoma_dist.labels import check_provides, class_names, to_class_index
 from melanoma_dist.paths import ensure_replaceable, is_uri
 
@@ -101,15 +106,15 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
     ensure_replaceable(dataset_dir, MANIFEST, "data.dataset_dir", "a melanoma-dist dataset", NotADatasetError)
     _remove_stale_temps(dataset_dir)
     scans = _read_sources(cfg.sources, cfg.label_scheme)
-    records = [r for scan in scans for r in scan.records]
+    total = sum(len(scan.records) for scan in scans)
     skipped = [s for scan in scans for s in scan.skipped]
-    if not records:
+    if not total:
         raise ValueError(_nothing_ingested(cfg, skipped))
-    labels = [to_class_index(cfg.label_scheme, r.label_type, r.raw_label, r.where) for r in records]
+    labels = [_class_indices(cfg.label_scheme, scan.records) for scan in scans]
     on_ray = use_ray(cfg.ingest_engine, address)
-    workers = min(cfg.ingest_workers or _available_cpus(), max(1, len(records)))
+    workers = min(cfg.ingest_workers or _available_cpus(), max(1, total))
     logger.info("ingest: %d images from %d sources, label scheme %s, %dx%d %s, %s",
-                len(records), len(cfg.sources), cfg.label_scheme, cfg.image_size, cfg.image_size,
+                total, len(cfg.sources), cfg.label_scheme, cfg.image_size, cfg.image_size,
                 cfg.encoding, "on the Ray cluster" if on_ray else f"{workers} workers")
 
     tmp = _make_temp(dataset_dir)
@@ -117,18 +122,19 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
         prepare = functools.partial(_prepare, size=cfg.image_size, resize=cfg.resize,
                                     encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality,
                                     color_constancy=cfg.color_constancy)
-        paths = [r.path for r in records]
+        paths = itertools.chain.from_iterable(scan.records.paths() for scan in scans)
         start = time.perf_counter()
-        kept: list[int] = []  # indices of records that decoded, in row order
-        mapping = ray_image_map(prepare, paths, address) if on_ray else _image_map(prepare, paths, workers)
+        kept: Counter[tuple[str, int]] = Counter()  # (source, class index) of the images that decoded
+        mapping = (ray_image_map(prepare, paths, total, address) if on_ray
+                   else _image_map(prepare, paths, total, workers))
         with mapping as results:
-            rows = _rows(records, labels, cfg.label_scheme, results, kept, skipped, progress, start)
+            rows = _rows(scans, labels, cfg.label_scheme, results, kept, skipped, progress, start)
             shards = write_shards(rows, tmp, cfg.rows_per_shard, cfg.shard_bytes,
                                   compress_images=cfg.encoding != "raw")
         elapsed = time.perf_counter() - start
         if not shards:
             raise ValueError(_nothing_ingested(cfg, skipped))
-        manifest = _manifest(cfg, scans, records, labels, kept, skipped, shards)
+        manifest = _manifest(cfg, scans, kept, skipped, shards)
         write_manifest(tmp, manifest)
         _swap_into(tmp, dataset_dir)
     except BaseException:
@@ -136,7 +142,7 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
         raise
     logger.info("ingest: wrote %d images (%d skipped) in %d shards to %s in %.1f s (%.0f images/s)",
                 manifest["num_images"], manifest["num_skipped"], len(shards), dataset_dir, elapsed,
-                len(records) / max(elapsed, 1e-9))
+                total / max(elapsed, 1e-9))
     if skipped:
         logger.warning("ingest: skipped %d images: %s (each with its reason in %s)", len(skipped),
                        _reason_counts(skipped), dataset_dir / MANIFEST)
@@ -167,19 +173,34 @@ def _read_sources(sources: Sequence[SourceConfig], scheme: str) -> list[SourceSc
         raise ValueError(f"two data.sources are named {repeated[0]!r}; give them distinct `name`s "
                          f"(the name is stored in the source column)")
     scans: list[SourceScan] = []
-    owner: dict[str, str] = {}
     for src in sources:
         check_provides(scheme, src.label_type, src.display_name)
         scan = scan_source(src)
-        shared = [r.image_id for r in scan.records if r.image_id in owner]
+        shared = shared_ids(scan.records, [s.records for s in scans])
         if shared:
+            image_id, other, count = shared
             raise ValueError(
-                f"image id {shared[0]!r} is in both source {owner[shared[0]]!r} and source "
-                f"{src.display_name!r} ({len(shared)} ids shared); image ids must be unique in a dataset: "
+                f"image id {image_id!r} is in both source {scans[other].records.source!r} and source "
+                f"{src.display_name!r} ({count} ids shared); image ids must be unique in a dataset: "
                 f"remove the overlap from one source (e.g. with splits) or ingest them into separate datasets")
-        owner.update((r.image_id, src.display_name) for r in scan.records)
         scans.append(scan)
     return scans
+
+
+def _class_indices(scheme: str, records: Records) -> np.ndarray:
+    """The class index of each record; a bad label fails here, before any image is decoded, naming its row.
+
+    Each distinct raw label is mapped once (a source has a handful), then spread over the rows.
+    """
+    raw = records.table.column("raw_label")  # indices in records.labels
+    index = []
+    for i, label in enumerate(records.labels):
+        try:
+            index.append(to_class_index(scheme, records.label_type, label, ""))
+        except ValueError:  # say it again with the row of its first use, for the message
+            to_class_index(scheme, records.label_type, label, records[pc.index(raw, i).as_py()].where)
+            raise
+    return np.asarray(index, np.int32)[raw.to_numpy()]
 
 
 # ---------------------------------------------------------------- decoding
@@ -203,53 +224,59 @@ def _prepare(path: str, size: int, resize: str, encoding: str, jpeg_quality: int
 
 
 @contextlib.contextmanager
-def _image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence[str],
+def _image_map(prepare: Callable[[str], PreparedImage | str], paths: Iterable[str], count: int,
                workers: int) -> Iterator[Iterator[PreparedImage | str]]:
-    """`prepare(path)` for each path, in input order, from a process pool.
+    """`prepare(path)` for each of the `count` paths, in input order, from a process pool.
 
     One worker runs in-process (no pool start-up, easier debugging). `imap` keeps the
-    input order, so the dataset is the same whatever the number of workers.
+    input order, so the dataset is the same whatever the number of workers; it takes the
+    paths lazily, so that they need not all exist as strings at once.
     """
     if workers <= 1:
         yield map(prepare, paths)
         return
     # Chunks big enough to amortise inter-process traffic, small enough to balance load.
-    chunksize = max(1, min(32, len(paths) // (workers * 8)))
+    chunksize = max(1, min(32, count // (workers * 8)))
     # "spawn", not fork: the caller may already run threads (TensorFlow, Ray, Horovod), and a
     # forked child inherits their locks in whatever state they were, which can hang it.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving the block ends the workers
         yield pool.imap(prepare, paths, chunksize=chunksize)
 
 
-def _rows(records: Sequence[SourceRecord], labels: Sequence[int], scheme: str,
-          results: Iterable[PreparedImage | str], kept: list[int], skipped: list[SkippedItem],
+def _rows(scans: Sequence[SourceScan], labels: Sequence[np.ndarray], scheme: str,
+          results: Iterable[PreparedImage | str], kept: Counter[tuple[str, int]], skipped: list[SkippedItem],
           progress: bool, start: float) -> Iterator[dict[str, Any]]:
-    """Shard rows of the decoded images; appends to `kept` and `skipped` as it goes."""
+    """Shard rows of the decoded images; counts them in `kept` and appends to `skipped` as it goes."""
     names = class_names(scheme)
-    for i, (record, label, result) in enumerate(zip(records, labels, results), start=1):
+    total = sum(len(scan.records) for scan in scans)
+    records = itertools.chain.from_iterable(scan.records for scan in scans)
+    classes = itertools.chain.from_iterable(map(int, a) for a in labels)
+    for i, (record, label, result) in enumerate(zip(records, classes, results), start=1):
         if isinstance(result, str):
             skipped.append(SkippedItem(record.source, record.path, record.image_id, result))
         else:
-            kept.append(i - 1)
+            kept[record.source, label] += 1
             yield {"image_id": record.image_id, "source": record.source, "image": result.data,
                    "label": label, "label_name": names[label], "group": record.group,
                    "pixel_sha256": result.pixel_sha256, "phash": result.phash, "path": record.path}
-        if progress and (i % PROGRESS_EVERY == 0 or i == len(records)):
+        if progress and (i % PROGRESS_EVERY == 0 or i == total):
             elapsed = time.perf_counter() - start
             logger.info("ingest: %d/%d images (%.0f images/s, %d skipped)",
-                        i, len(records), i / max(elapsed, 1e-9), len(skipped))
+                        i, total, i / max(elapsed, 1e-9), len(skipped))
 
 
 # ---------------------------------------------------------------- manifest and swap
 
-def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], records: Sequence[SourceRecord],
-              labels: Sequence[int], kept: Sequence[int], skipped: Sequence[SkippedItem],
-              shards: Sequence[str]) -> dict[str, Any]:
+def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], kept: Counter[tuple[str, int]],
+              skipped: Sequence[SkippedItem], shards: Sequence[str]) -> dict[str, Any]:
     names = class_names(cfg.label_scheme)
     order = {s.display_name: i for i, s in enumerate(cfg.sources)}
     skipped = sorted(skipped, key=lambda s: (order[s.source], s.path, s.image_id))
-    per_class = Counter(names[labels[i]] for i in kept)
-    images_per_source = Counter(records[i].source for i in kept)
+    per_class: Counter[str] = Counter()
+    images_per_source: Counter[str] = Counter()
+    for (source, label), n in kept.items():
+        per_class[names[label]] += n
+        images_per_source[source] += n
     skipped_per_source = Counter(s.source for s in skipped)
     for name in names:
         if per_class[name] == 0:
@@ -259,7 +286,7 @@ def _manifest(cfg: DataConfig, scans: Sequence[SourceScan], records: Sequence[So
         "label_scheme": cfg.label_scheme,
         "class_names": list(names),
         "counts": {name: per_class[name] for name in names},
-        "num_images": len(kept),
+        "num_images": sum(kept.values()),
         "image_size": cfg.image_size,
         "resize": cfg.resize,
         "encoding": cfg.encoding,

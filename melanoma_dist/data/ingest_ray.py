@@ -9,12 +9,13 @@ with the block order preserved. Everything else (sources, labels, shards, manife
 single-machine code, fed the same results in the same order: the dataset is byte-identical.
 
 Memory stays bounded: Ray Data streams, so the driver holds a few finished blocks at a
-time, not the dataset; the paths themselves are already in the driver's memory.
+time, not the dataset; the paths themselves are already in the driver's memory, as Arrow
+bytes (`data.records`).
 
 Example:
 
 ```python
-with ray_image_map(prepare, paths, address="HEAD_IP:6379") as results:
+with ray_image_map(prepare, iter(paths), len(paths), address="HEAD_IP:6379") as results:
     for path, result in zip(paths, results):  # PreparedImage, or the reason it was skipped
         ...
 ```
@@ -23,17 +24,19 @@ with ray_image_map(prepare, paths, address="HEAD_IP:6379") as results:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from melanoma_dist.data.images import PreparedImage
+from melanoma_dist.data.records import in_chunks
 
 if TYPE_CHECKING:  # imported where used: a local ingest never loads Ray
     import ray.data
@@ -81,7 +84,7 @@ def use_ray(engine: str, address: str = "") -> bool:
 
 
 @contextlib.contextmanager
-def ray_image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence[str],
+def ray_image_map(prepare: Callable[[str], PreparedImage | str], paths: Iterable[str], count: int,
                   address: str = "") -> Iterator[Iterator[PreparedImage | str]]:
     """`prepare(path)` for each path, in input order, run by Ray Data tasks on the cluster.
 
@@ -94,6 +97,7 @@ def ray_image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence
             function): the prepared image, or the reason it is skipped (it must not raise for a
             bad image: an exception fails the whole ingest).
         paths: the image files, in row order.
+        count: how many `paths` there are.
         address: the Ray cluster address. Defaults to `""` (RAY_ADDRESS, else a local Ray).
 
     Yields:
@@ -107,15 +111,15 @@ def ray_image_map(prepare: Callable[[str], PreparedImage | str], paths: Sequence
 
     with _joined(address):
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        per_block = max(1, min(MAX_BLOCK_IMAGES, math.ceil(len(paths) / (cpus * BLOCKS_PER_CPU))))
+        per_block = max(1, min(MAX_BLOCK_IMAGES, math.ceil(count / (cpus * BLOCKS_PER_CPU))))
         logger.info("ingest: preparing %d images with Ray Data on %d CPUs (%d nodes), %d images per task",
-                    len(paths), cpus, sum(n["Alive"] for n in ray.nodes()), per_block)
+                    count, cpus, sum(n["Alive"] for n in ray.nodes()), per_block)
         per_node: Counter[str] = Counter()
         yield _results(_dataset(prepare, paths, per_block), per_node)
         # Here when the caller's block ended without an error, having taken the results it needed (the
         # iterator itself may never be resumed after its last result): all of them, unless Ray Data lost some.
-        if sum(per_node.values()) != len(paths):
-            raise RuntimeError(f"Ray Data returned {sum(per_node.values())} of {len(paths)} images; "
+        if sum(per_node.values()) != count:
+            raise RuntimeError(f"Ray Data returned {sum(per_node.values())} of {count} images; "
                                f"run ingest with --set data.ingest_engine=local")
         logger.info("ingest: images prepared per node: %s",
                     ", ".join(f"node {node[:8]}: {n}" for node, n in sorted(per_node.items())))
@@ -141,7 +145,7 @@ def _joined(address: str) -> Iterator[None]:
         ray.shutdown()
 
 
-def _dataset(prepare: Callable[[str], PreparedImage | str], paths: Sequence[str],
+def _dataset(prepare: Callable[[str], PreparedImage | str], paths: Iterable[str],
              per_block: int) -> "ray.data.Dataset":
     """The Ray Data dataset of the results, one block per `per_block` paths, its blocks kept in order."""
     import ray.data
@@ -152,9 +156,9 @@ def _dataset(prepare: Callable[[str], PreparedImage | str], paths: Sequence[str]
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # ingest logs its own progress lines
     # Paths as bytes: a file name that is not valid UTF-8 (a str with surrogates) must reach the task unchanged.
-    blocks = [pa.table({"index": pa.array(range(start, min(start + per_block, len(paths))), pa.int64()),
-                        "path": pa.array([os.fsencode(p) for p in paths[start:start + per_block]], pa.binary())})
-              for start in range(0, len(paths), per_block)]
+    blocks = [pa.table({"index": pa.array(range(start, start + len(chunk)), pa.int64()),
+                        "path": pa.array([os.fsencode(p) for p in chunk], pa.binary())})
+              for start, chunk in zip(itertools.count(0, per_block), in_chunks(paths, per_block))]
     with ray.data.DataContext.current(ctx):
         ds = ray.data.from_arrow(blocks)
         # batch_size=None: one task per block, so a block's images are prepared together.

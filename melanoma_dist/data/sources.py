@@ -43,8 +43,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from melanoma_dist.config import SourceConfig
 from melanoma_dist.data.images import is_file_or_broken_link
+from melanoma_dist.data.records import RecordBuilder, Records, decoded, encode, first_repeat, in_chunks
 from melanoma_dist.storage import ObjectPath, as_path, join, listdir, open_text
 
 logger = logging.getLogger(__name__)
@@ -65,23 +69,6 @@ UNLABELLED_SAMPLE = 5
 
 
 @dataclass(frozen=True)
-class SourceRecord:
-    """One labelled image of a source, before decoding."""
-
-    image_id: str
-    path: str
-    """Image file, built from the source's configured path."""
-    raw_label: str
-    """The label as written in the source (class folder name or CSV cell)."""
-    label_type: str
-    group: str
-    """Images of one group (lesion) stay in one fold."""
-    source: str
-    where: str = ""
-    """File and row the label came from, for error messages."""
-
-
-@dataclass(frozen=True)
 class SkippedItem:
     """An image left out of the dataset, with the reason."""
 
@@ -98,8 +85,8 @@ class SkippedItem:
 class SourceScan:
     """What reading one source found."""
 
-    records: list[SourceRecord]
-    """Labelled images, sorted by image id."""
+    records: Records
+    """Labelled images, sorted by image id (Arrow columns: see `data.records`)."""
     skipped: list[SkippedItem]
     """Labelled rows left out before decoding (image file not found, empty split cell), sorted by path."""
     unlabelled: list[str]
@@ -108,7 +95,7 @@ class SourceScan:
     """The CSV the labels come from; empty for a folder source."""
 
 
-def read_source(src: SourceConfig) -> tuple[list[SourceRecord], list[SkippedItem]]:
+def read_source(src: SourceConfig) -> tuple[Records, list[SkippedItem]]:
     """Read the records of one source, sorted by image id (`scan_source` without the unlabelled files).
 
     Returns:
@@ -148,8 +135,7 @@ def scan_source(src: SourceConfig) -> SourceScan:
                        why, ", ".join(sorted(scan.unlabelled)[:UNLABELLED_SAMPLE]),
                        ", ..." if len(scan.unlabelled) > UNLABELLED_SAMPLE else "")
     logger.info("source %r: %d images", name, len(scan.records))
-    return SourceScan(records=sorted(scan.records, key=lambda r: (r.image_id, r.path)),
-                      skipped=sorted(scan.skipped, key=lambda s: (s.path, s.image_id)),
+    return SourceScan(records=scan.records, skipped=sorted(scan.skipped, key=lambda s: (s.path, s.image_id)),
                       unlabelled=sorted(scan.unlabelled), label_file=scan.label_file)
 
 
@@ -164,12 +150,17 @@ def _read_folder(src: SourceConfig, name: str) -> SourceScan:
     if not class_dirs:
         raise FileNotFoundError(f"folder source {name!r}: {root} has no class folders; {layout}")
     loose = [str(f) for f in root.iterdir() if _is_candidate(f) and f.suffix.lower() in IMAGE_EXTENSIONS]
-    files = [(d.name, f) for d in class_dirs for f in sorted(d.iterdir()) if _is_candidate(f)]
-    ids = _folder_ids(files)
-    records = [SourceRecord(image_id=image_id, path=str(f), raw_label=label, label_type=src.label_type,
-                            group=image_id, source=name, where=str(f))
-               for (label, f), image_id in zip(files, ids)]
-    return SourceScan(records, [], loose)
+    # Names and stems as Arrow arrays, not a Path per file: at 1M files those cost ~0.5 GB.
+    listed = [(d, *_names_and_stems(d)) for d in class_dirs]
+    repeated = _repeated(pa.chunked_array([c for _, _, stems in listed for c in stems.chunks], pa.binary()))
+    builder = RecordBuilder()
+    for folder, names, stems in listed:
+        label, base = folder.name, str(folder)
+        in_folder = _repeated(stems) if repeated else set()
+        for file, stem in zip(decoded(names), decoded(stems)):
+            image_id = _folder_id(label, file, stem, repeated, in_folder)
+            builder.add(image_id, f"{base}/{file}", label, image_id)
+    return SourceScan(builder.build(name, src.label_type), [], loose)
 
 
 def _is_candidate(f: Path | ObjectPath) -> bool:
@@ -179,19 +170,54 @@ def _is_candidate(f: Path | ObjectPath) -> bool:
     return not f.name.startswith(".") and is_file_or_broken_link(f)
 
 
-def _folder_ids(files: Sequence[tuple[str, Path | ObjectPath]]) -> list[str]:
-    """File stems, made unique with the class folder (then the full file name) where they collide."""
-    stems = Counter(f.stem for _, f in files)
-    prefixed = Counter(f"{label}/{f.stem}" for label, f in files)
-    ids = []
-    for label, f in files:
-        if stems[f.stem] == 1:
-            ids.append(f.stem)
-        elif prefixed[f"{label}/{f.stem}"] == 1:
-            ids.append(f"{label}/{f.stem}")
-        else:  # same stem, different extensions in one class folder
-            ids.append(f"{label}/{f.name}")
-    return ids
+def _names_and_stems(folder: Path | ObjectPath) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The candidate files of one class folder: their names and stems (`encode`d), in listing order."""
+    if isinstance(folder, ObjectPath):
+        files: Iterator[str] = (f.name for f in folder.iterdir() if _is_candidate(f))
+    else:
+        files = _local_files(folder)
+    names: list[pa.Array] = []
+    stems: list[pa.Array] = []
+    for chunk in in_chunks(files):
+        names.append(pa.array([encode(f) for f in chunk], pa.binary()))
+        stems.append(pa.array([encode(_stem(f)) for f in chunk], pa.binary()))
+    return pa.chunked_array(names, pa.binary()), pa.chunked_array(stems, pa.binary())
+
+
+def _local_files(folder: Path) -> Iterator[str]:
+    """Names of the non-hidden files (or broken links) in a local folder; `scandir` needs no stat per file."""
+    with os.scandir(folder) as it:
+        for e in it:
+            if not e.name.startswith(".") and (_plain_file(e) or is_file_or_broken_link(e.path)):
+                yield e.name
+
+
+def _plain_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symbolic link loop: `is_file_or_broken_link` keeps it, to report it when decoded
+        return False
+
+
+def _stem(name: str) -> str:
+    """`Path(name).stem` without making a Path (a leading dot or a trailing one is not a suffix)."""
+    i = name.rfind(".")
+    return name[:i] if 0 < i < len(name) - 1 else name
+
+
+def _repeated(values: pa.ChunkedArray) -> set[bytes]:
+    """The values that occur more than once (few: ids are meant to be unique)."""
+    counts = pc.value_counts(values)
+    return set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+
+
+def _folder_id(label: str, file: str, stem: str, repeated: set[bytes], in_folder: set[bytes]) -> str:
+    """The file stem, made unique with the class folder (then the full file name) where stems collide."""
+    if encode(stem) not in repeated:
+        return stem
+    if encode(stem) not in in_folder:
+        return f"{label}/{stem}"
+    return f"{label}/{file}"  # same stem, different extensions in one class folder
 
 
 def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
@@ -206,7 +232,7 @@ def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
             f"(columns {', '.join(HAM_COLUMNS)}) and images in {root}/images/<image_id>.jpg")
     finder = _ImageFinder()
     dirs = [root / d for d in HAM_IMAGE_DIRS]
-    records: list[SourceRecord] = []
+    builder = RecordBuilder()
     skipped: list[SkippedItem] = []
     for line, row in _read_table(meta, HAM_COLUMNS):
         where = f"{meta} line {line}"
@@ -217,8 +243,8 @@ def _read_ham10000(src: SourceConfig, name: str) -> SourceScan:
         if found is None:
             skipped.append(SkippedItem(name, str(dirs[0] / f"{image_id}.jpg"), image_id, MISSING_IMAGE))
             continue
-        records.append(SourceRecord(image_id=image_id, path=str(found), raw_label=label, label_type="dx",
-                                    group=row["lesion_id"].strip() or image_id, source=name, where=where))
+        builder.add(image_id, str(found), label, row["lesion_id"].strip() or image_id, line)
+    records = builder.build(name, "dx", str(meta))
     return SourceScan(records, skipped, finder.unmentioned(records), str(meta))
 
 
@@ -238,7 +264,7 @@ def _read_csv_source(src: SourceConfig, name: str) -> SourceScan:
         required.append(src.split_column)
     base = csv_path.parent
     finder = _ImageFinder()
-    records: list[SourceRecord] = []
+    builder = RecordBuilder()
     skipped: list[SkippedItem] = []
     other_splits = 0
     for line, row in _read_table(csv_path, required):
@@ -267,8 +293,8 @@ def _read_csv_source(src: SourceConfig, name: str) -> SourceScan:
             skipped.append(SkippedItem(name, str(expected), image_id, MISSING_IMAGE))
             continue
         group = (row.get(src.group_column, "").strip() if src.group_column else "") or image_id
-        records.append(SourceRecord(image_id=image_id, path=str(found), raw_label=label,
-                                    label_type=src.label_type, group=group, source=name, where=where))
+        builder.add(image_id, str(found), label, group, line)
+    records = builder.build(name, src.label_type, str(csv_path))
     if src.splits and not records and not skipped:
         logger.warning("csv source %r: no row of %s has %s in %s", name, csv_path, src.split_column,
                        list(src.splits))
@@ -331,13 +357,13 @@ def _required_cell(row: dict[str, str], column: str, where: str) -> str:
     return value
 
 
-def _check_unique_ids(records: Sequence[SourceRecord], name: str) -> None:
-    seen: dict[str, str] = {}
-    for r in records:
-        if r.image_id in seen:
-            raise ValueError(f"source {name!r}: image id {r.image_id!r} appears twice ({seen[r.image_id]} "
-                             f"and {r.where}); image ids must be unique")
-        seen[r.image_id] = r.where
+def _check_unique_ids(records: Records, name: str) -> None:
+    pair = first_repeat(records)
+    if pair is not None:
+        lines = records.table.column("line")
+        first, second = (records[i] for i in sorted(pair, key=lambda i: lines[i].as_py()))  # in file order
+        raise ValueError(f"source {name!r}: image id {first.image_id!r} appears twice ({first.where} "
+                         f"and {second.where}); image ids must be unique")
 
 
 class _ImageFinder:
@@ -370,10 +396,10 @@ class _ImageFinder:
         """Note ids or file names that a row of the label file mentions (whether or not the row is kept)."""
         self._mentioned.update(n.strip().lower() for n in names if n.strip())
 
-    def unmentioned(self, records: Sequence[SourceRecord]) -> list[str]:
+    def unmentioned(self, records: Records) -> list[str]:
         """Image files in the folders the records' images are in that no row mentions, by id or file name."""
         out = []
-        for folder in sorted({os.path.dirname(r.path) for r in records}):  # strings: Path() is slow on 10k files
+        for folder in sorted({os.path.dirname(f) for f in records.folders}):  # each ends with its "/"
             for name in self._names(as_path(folder)).values():
                 stem, ext = os.path.splitext(name)
                 if (ext.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
