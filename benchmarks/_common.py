@@ -306,20 +306,22 @@ def dataset_dir(work_dir: Path, num_images: int, size: int, encoding: str = "jpe
 
 
 def ingest_tree(tree: Path | str, out: Path | str, size: int, workers: int = 0,
-                encoding: str = "jpeg") -> dict[str, Any]:
+                encoding: str = "jpeg", progress: bool = False) -> dict[str, Any]:
     """Ingest the JPEG tree into Parquet shards at `size` px with our ingest; return timing and sizes.
 
-    Either may be an object-store URI (then the shards' bytes are not counted)."""
+    Either may be an object-store URI (then the shards' bytes are not counted). With `progress`,
+    ingest logs a line every 500 images (seen when logging is at INFO: `setup_logging`)."""
     from melanoma_dist.config import DataConfig, SourceConfig
     from melanoma_dist.data.ingest import ingest
+    from melanoma_dist.paths import is_uri
 
     cfg = DataConfig(sources=(SourceConfig(kind="folder", path=str(tree), name="ham10000", label_type="melanoma"),),
                      dataset_dir=str(out), label_scheme="melanoma", image_size=size, encoding=encoding,
                      ingest_workers=workers)
     start = time.perf_counter()
-    manifest = ingest(cfg, progress=False)
+    manifest = ingest(cfg, progress=progress)
     seconds = time.perf_counter() - start
-    shard_bytes = None if "://" in str(out) else sum(p.stat().st_size for p in Path(out).glob("shard-*.parquet"))
+    shard_bytes = None if is_uri(out) else sum(p.stat().st_size for p in Path(out).glob("shard-*.parquet"))
     return {"image_size": size, "num_images": manifest["num_images"], "seconds": seconds,
             "images_per_s": manifest["num_images"] / seconds, "shard_bytes": shard_bytes,
             "workers": workers or len(os.sched_getaffinity(0))}

@@ -358,10 +358,11 @@ def memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 def scale_ingest(spec: dict[str, Any]) -> dict[str, Any]:
     """`ingest` of a source folder (or URI) into a dataset (or URI), with the peak RSS of the driver and its pool."""
-    from benchmarks._common import ingest_tree
+    from benchmarks._common import ingest_tree, setup_logging
 
+    setup_logging()  # ingest's progress lines in the child's log: a 1M-image ingest runs ~15 min
     sampler = RssSampler(interval=0.1, children=True)
-    result = ingest_tree(spec["tree"], spec["out"], spec["size"], workers=spec["workers"])
+    result = ingest_tree(spec["tree"], spec["out"], spec["size"], workers=spec["workers"], progress=True)
     sampler.stop()
     return {**result, "driver_peak_rss": sampler.peak, "worker_peak_rss": sampler.child_peak,
             "tree_peak_rss": sampler.tree_peak}

@@ -47,13 +47,14 @@ import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (HAM_DIR, Report, base_parser, ham_subset, jpeg_tree, main_guard, run_child,
                                 setup_logging)
+from melanoma_dist.paths import is_uri
 
 BUCKET = "bench"
 VARIANTS = 12
@@ -129,37 +130,51 @@ def synthetic_tree(work_dir: Path, n: int) -> Path:
     return root
 
 
-def subset_tree(tree: Path, n: int) -> Path:
-    """A tree of symlinks to the first `n` images of `tree` (sorted by class, then name)."""
-    root = tree.parent / f"{tree.name}-first{n}"
+def _link_tree(root: Path, pairs: Iterable[tuple[Path, Path]], hard: bool = False) -> Path:
+    """`root` filled once with links (target, link) from `pairs`: symlinks, or hard links when `hard`.
+
+    A `.complete` marker says the tree is whole: a later call returns it without consuming
+    `pairs` (pass a generator, so that the source is not even listed); links left by an
+    interrupted call are kept.
+    """
     marker = root / ".complete"
     if marker.is_file():
         return root
-    files = sorted(p for p in tree.rglob("*.jpg"))[:n]
-    for f in files:
-        link = root / f.parent.name / f.name
+    count = 0
+    for target, link in pairs:
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(f)
-    marker.write_text(f"{len(files)}\n")
+        if not os.path.lexists(link):
+            if hard:
+                os.link(target, link)
+            else:
+                link.symlink_to(target)
+        count += 1
+    marker.write_text(f"{count}\n")
     return root
+
+
+def subset_tree(tree: Path, n: int) -> Path:
+    """A tree of symlinks to the first `n` images of `tree` (sorted by class, then name)."""
+    root = tree.parent / f"{tree.name}-first{n}"
+
+    def pairs() -> Iterator[tuple[Path, Path]]:
+        for f in sorted(tree.rglob("*.jpg"))[:n]:
+            yield f, root / f.parent.name / f.name
+
+    return _link_tree(root, pairs())
 
 
 def copies_tree(tree: Path, n: int) -> Path:
     """A tree of `n` files: hard links to the images of `tree` under new names (`<id>_c<k>.jpg`), k = 0, 1, ..."""
     root = tree.parent / f"{tree.name}-copies{n}"
-    marker = root / ".complete"
-    if marker.is_file():
-        return root
-    files = sorted(tree.rglob("*.jpg"))
-    for i in range(n):
-        f = files[i % len(files)]
-        link = root / f.parent.name / f"{f.stem}_c{i // len(files)}.jpg"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            os.link(f, link)
-    marker.write_text(f"{n}\n")
-    return root
+
+    def pairs() -> Iterator[tuple[Path, Path]]:
+        files = sorted(tree.rglob("*.jpg"))
+        for i in range(n):
+            f = files[i % len(files)]
+            yield f, root / f.parent.name / f"{f.stem}_c{i // len(files)}.jpg"
+
+    return _link_tree(root, pairs(), hard=True)
 
 
 def ingest_only(args: Any, n: int) -> None:
@@ -183,6 +198,7 @@ def ingest_only(args: Any, n: int) -> None:
 
 def replicate(dataset: Path, out: Path, copies: int) -> Path:
     """A dataset with the rows of `dataset` `copies` times over, under new ids (`<id>~<copy>`)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from melanoma_dist.config import DataConfig
@@ -193,14 +209,14 @@ def replicate(dataset: Path, out: Path, copies: int) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
 
-    def rows() -> Iterator[dict[str, Any]]:
+    def tables() -> Iterator[Any]:
         for c in range(copies):
             for path in shards.shard_paths(dataset):
-                for row in pq.read_table(path).to_pylist():
-                    row[shards.IMAGE_ID] = f"{row[shards.IMAGE_ID]}~{c}"
-                    yield row
+                table = pq.read_table(path)
+                ids = pc.binary_join_element_wise(table[shards.IMAGE_ID], f"~{c}", "")
+                yield table.set_column(table.schema.get_field_index(shards.IMAGE_ID), shards.IMAGE_ID, ids)
 
-    names = shards.write_shards(rows(), out, int(manifest["rows_per_shard"]), DataConfig.shard_bytes)
+    names = shards.write_shards(tables(), out, int(manifest["rows_per_shard"]), DataConfig.shard_bytes)
     shards.write_manifest(out, {**manifest, "shards": names, "num_shards": len(names),
                                 "num_images": copies * manifest["num_images"]})
     return out
@@ -211,8 +227,6 @@ def replicate(dataset: Path, out: Path, copies: int) -> Path:
 @contextlib.contextmanager
 def moto_s3(work_dir: Path) -> Iterator[dict[str, str]]:
     """A moto S3 server in its own process; yields the AWS variables that point the code at it."""
-    import pyarrow.fs as pafs
-
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.is_file():
         raise FileNotFoundError(f"{exe} not found: install the test dependencies (moto[server], "
@@ -235,9 +249,7 @@ def moto_s3(work_dir: Path) -> Iterator[dict[str, str]]:
         env = {"AWS_ACCESS_KEY_ID": "AKIABENCHMARKKEY0000", "AWS_SECRET_ACCESS_KEY": "bench-secret",
                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}
-        pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                          endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir(BUCKET)
+        moto_filesystem(env, allow_bucket_creation=True).create_dir(BUCKET)
         yield env
     finally:
         proc.terminate()
@@ -245,16 +257,22 @@ def moto_s3(work_dir: Path) -> Iterator[dict[str, str]]:
         log.close()
 
 
+def moto_filesystem(env: dict[str, str], **options: Any) -> Any:
+    """The moto server's S3 as a pyarrow filesystem, from the AWS variables that `moto_s3` yields."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_override=env["AWS_ENDPOINT_URL"].removeprefix("http://"), scheme="http",
+                             region=env["AWS_DEFAULT_REGION"], **options)
+
+
 def upload_dir(local: Path, uri: str, env: dict[str, str]) -> float:
     """Copy a folder into the bucket (threads); return the seconds it took."""
     import pyarrow.fs as pafs
 
-    port = env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
-    fs = pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1")
     start = time.perf_counter()
     pafs.copy_files(str(local), uri.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs, use_threads=True)
+                    destination_filesystem=moto_filesystem(env), use_threads=True)
     return time.perf_counter() - start
 
 
@@ -266,8 +284,9 @@ def mib(n: float | None) -> float | None:
 
 def run_ingest(label: str, tree: Path | str, out: Path | str, size: int, work_dir: Path,
                env: dict[str, str] | None = None) -> dict[str, Any]:
-    if "://" not in str(out):
+    if not is_uri(out):
         shutil.rmtree(out, ignore_errors=True)
+    print(f"   ingest {label}: running; its progress lines are in {work_dir / 'logs'}/scale_ingest-*.log", flush=True)
     child = run_child("scale_ingest", {"tree": str(tree), "out": str(out), "size": size, "workers": WORKERS},
                       work_dir, env)
     r = {**child.result, "per_core_images_per_s": child.result["images_per_s"] / WORKERS}

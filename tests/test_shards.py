@@ -45,6 +45,27 @@ def test_write_shards_names_row_groups_and_determinism(tmp_path):
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
 
 
+def test_streamed_tables_give_the_same_shards_as_one_table_and_rows(tmp_path):
+    # 10 kB images: a shard spans several 1 MB Parquet pages, whose cuts would follow the tables' chunks.
+    rows = [{**r, "image": b"x" * (10_000 + i % 7)} for i, r in enumerate(_rows(700))]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    # Pieces of 0 to 123 rows, columns in another order, a record batch: shards cut inside pieces and across them.
+    pieces, start = [], 0
+    for i, length in enumerate([123, 0, 45, 1, 200, 131, 200]):
+        piece = table.slice(start, length)
+        pieces.append(piece.to_batches()[0] if i == 3 else piece.select(list(reversed(COLUMNS))))
+        start += length
+    assert start == len(rows)
+    for rows_per_shard, shard_bytes in ((100, None), (300, 2_000_000)):
+        sizes = f"{rows_per_shard}-{shard_bytes}"
+        names = write_shards(iter(pieces), tmp_path / "tables" / sizes, rows_per_shard, shard_bytes)
+        assert len(names) > 3
+        for other, source in (("table", table), ("rows", iter(rows))):
+            assert write_shards(source, tmp_path / other / sizes, rows_per_shard, shard_bytes) == names
+            for n in names:
+                assert (tmp_path / "tables" / sizes / n).read_bytes() == (tmp_path / other / sizes / n).read_bytes()
+
+
 SHARD_BYTES_CASES = [  # (image sizes, rows_per_shard, shard_bytes, rows of each shard)
     ([10] * 7, 3, None, [3, 3, 1]),
     ([10] * 7, 100, 25, [2, 2, 2, 1]),  # the third image would make 30 bytes

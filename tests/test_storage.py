@@ -254,7 +254,8 @@ def test_cv_with_results_in_the_bucket(cv_in_bucket):
 
 
 @pytest.mark.integration
-def test_report_export_evaluate_predict_on_a_result_in_the_bucket(cv_in_bucket, datasets, images, tmp_path, capsys):
+def test_report_export_evaluate_predict_on_a_result_in_the_bucket(cv_in_bucket, datasets, images, tmp_path, capsys,
+                                                                  monkeypatch):
     """The evidence commands read a result in the bucket and write there; the report is that of a local copy."""
     from melanoma_dist.cli import main
 
@@ -274,6 +275,12 @@ def test_report_export_evaluate_predict_on_a_result_in_the_bucket(cv_in_bucket, 
     assert remote == disk
 
     assert main(["export", out, "--n-boot", "20"]) == 0
+    # Again, with --out naming that export inside the result: replaced, its old objects downloaded once (one mirror).
+    pulled, pull = [], storage.FolderMirror.pull
+    monkeypatch.setattr(storage.FolderMirror, "pull", lambda self, **kw: (pulled.append(self.uri), pull(self, **kw)))
+    assert main(["export", out, "--out", f"{out}/export", "--n-boot", "20"]) == 0
+    assert pulled == [out]
+    monkeypatch.undo()
     spec = json.loads(storage.read_bytes(f"{out}/export/model.json"))
     assert spec["provenance"]["result_dir"] == out and spec["members"] == ["folds/fold-0.keras", "folds/fold-1.keras"]
     assert {"fold-0.keras", "fold-1.keras"} == {n for n, _ in storage.listdir(f"{out}/export/folds")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from melanoma_dist.config import ConfigError, load_config
@@ -83,6 +85,13 @@ def test_outer_training_part_never_holds_an_outer_validation_image(tmp_path):
         inner_ids = shards.read_columns(inner_dir, ["image_id"])["image_id"].to_pylist()
         assert held and not held & set(inner_ids)  # the search cannot read an outer-validation image
         assert held | set(inner_ids) == all_ids and len(inner_ids) == len(set(inner_ids))
+        # Written a parent shard at a time: the same files as the kept rows written in one go.
+        kept = shards.read_columns(data.dataset_dir, shards.COLUMNS).filter(pa.array(np.asarray(outer) != o))
+        manifest = shards.load_manifest(inner_dir)
+        names = shards.write_shards(kept.to_pylist(), tmp_path / f"rows-{o}", manifest["rows_per_shard"],
+                                    manifest["shard_bytes"])
+        assert names == manifest["shards"] and len(names) > 1
+        assert all((inner_dir / n).read_bytes() == (tmp_path / f"rows-{o}" / n).read_bytes() for n in names)
         make_folds(inner_dir, 2, seed=42)  # the inner folds: only outer-training images, every one once
         assert len(load_folds(inner_dir, 2, 42)) == len(inner_ids)
         # Cut again from the same split: reused, not rewritten.

@@ -34,7 +34,7 @@ from melanoma_dist.data.fingerprint import IMAGE_SETTINGS, with_defaults
 from melanoma_dist.inference.tta import tta_mode, view_names
 from melanoma_dist.inference.ensemble import (FORMAT, FORMAT_VERSION, MODEL_JSON, NORMALISATION, Ensemble,
                                               ModelDirError)
-from melanoma_dist.paths import ensure_replaceable
+from melanoma_dist.paths import ensure_replaceable, is_uri
 from melanoma_dist.report.audit import DEFAULT_MIN_CORRELATION, DEFAULT_NEAR_DUP_BITS
 from melanoma_dist.report.bootstrap import DEFAULT_N_BOOT
 from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY
@@ -136,17 +136,27 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
         FileExistsError: `out_dir` exists and is not an exported model.
         ModelDirError: a fold model's shape does not match the run's classes or image size.
     """
+    inside = _inside(out_dir, result_dir) if out_dir is not None else DEFAULT_EXPORT_DIR
     with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out
         run = stack.enter_context(storage.mirrored(result_dir, pull_skip=("resume",)))
         # Built beside its target and renamed into place: the mirror is named like out_dir, in a folder of its own.
-        dest = stack.enter_context(storage.mirrored(out_dir)) if out_dir is not None else run
+        # A target inside the result is in the result's mirror already: a mirror of its own would download it twice.
+        dest = stack.enter_context(storage.mirrored(out_dir)) if inside is None else run
         result = CVResult.load(run.local, origin=run.uri if run.remote else "")
-        out = dest.local if out_dir is not None else run.local / DEFAULT_EXPORT_DIR
+        out = dest.local if inside is None else run.local / inside
         spec = _export(result, out, target_sensitivity, tta, near_dup_bits, n_boot, seed, near_dup_corr)
         named = dest.name_of(out)
     logger.info("exported %d fold models to %s (T=%.3f, threshold %.4f)", len(spec["members"]), named,
                 spec["calibration"]["temperature"], spec["operating_point"]["threshold"])
     return named
+
+
+def _inside(out_dir: str | Path, result_dir: str | Path) -> str | None:
+    """`out_dir` relative to `result_dir` when both are URIs and the first lies inside the other, else None."""
+    out, run = str(out_dir).rstrip("/"), str(result_dir).rstrip("/")
+    if is_uri(out) and is_uri(run) and out.startswith(run + "/"):
+        return out[len(run) + 1:]
+    return None
 
 
 def _export(result: CVResult, out: Path, target_sensitivity: float, tta: str | bool, near_dup_bits: int,

@@ -68,18 +68,18 @@ def outer_training_dataset(dataset_dir: str | Path, outer_of_row: Sequence[int],
     keep = np.asarray(outer_of_row) != fold
     counts = np.zeros(len(parent["class_names"]), np.int64)
 
-    def rows() -> Iterator[dict]:
+    def tables() -> Iterator[pa.Table]:
         start = 0
         for path in shards.shard_paths(dataset_dir):  # a shard at a time: memory stays bounded by one
             table = shards.parquet_file(path).read()
             part = table.filter(pa.array(keep[start:start + table.num_rows]))
             start += table.num_rows
             counts[:] += np.bincount(part[shards.LABEL].to_numpy(), minlength=len(counts))
-            yield from part.to_pylist()
+            yield part
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    names = shards.write_shards(rows(), tmp, int(parent.get("rows_per_shard", 2048)), parent.get("shard_bytes"),
+    names = shards.write_shards(tables(), tmp, int(parent.get("rows_per_shard", 2048)), parent.get("shard_bytes"),
                                 compress_images=parent.get("encoding") != "raw")
     manifest = {**parent, "shards": names, "num_shards": len(names), "num_images": int(counts.sum()),
                 "counts": {n: int(counts[i]) for i, n in enumerate(parent["class_names"])},
