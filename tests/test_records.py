@@ -69,3 +69,13 @@ def test_file_listing_hashes_the_sorted_lines_of_path_size_and_mtime(tmp_path):
         lines.append(f"{p}\t-" if st is None else f"{p}\t{st.st_size}\t{st.st_mtime_ns}")
     assert file_listing(paths) == {"count": 4, "bytes": 6,
                                    "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+
+
+def test_sorted_paths_merges_folders_in_the_strings_order():
+    # "/a/b0.jpg" sorts after "/a/b/x.jpg" ("0" > "/"), though folder "/a/" sorts before "/a/b/".
+    rows = [("b0", "/a/b0.jpg", "nv", "b0", 0), ("x", "/a/b/x.jpg", "nv", "x", 0), ("y", "/a/b.jpg", "nv", "y", 0),
+            ("z", "/a/b/x.jpg", "nv", "z", 0), ("w", "w.jpg", "nv", "w", 0)]
+    records = _records(rows)
+    assert list(records.sorted_paths()) == sorted(r[1] for r in rows)
+    assert list(records.sorted_paths(lambda f: f or "/cwd/")) == sorted(r[1] if r[1][0] == "/" else "/cwd/" + r[1]
+                                                                          for r in rows)

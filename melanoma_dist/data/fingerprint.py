@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import itertools
 import logging
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ import pyarrow.compute as pc
 
 from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
-from melanoma_dist.data.records import CHUNK_ROWS, decode, decoded, encode, in_chunks
+from melanoma_dist.data.records import CHUNK_ROWS, decoded, encode, in_chunks
 from melanoma_dist.data.sources import SourceScan, scan_source
 from melanoma_dist.paths import absolute, is_uri
 
@@ -123,9 +125,8 @@ def _source(src: SourceConfig, scan: SourceScan | None) -> dict[str, Any]:
     options = dataclasses.asdict(src)
     options.update(name=src.display_name, path=absolute(src.path), splits=list(src.splits))
     if scan is not None:
-        paths = itertools.chain(scan.records.paths(), (s.path for s in scan.skipped),
-                                [scan.label_file] if scan.label_file else [])
-        options["files"] = file_listing(paths)
+        others = sorted({absolute(p) for p in [s.path for s in scan.skipped] + [scan.label_file] if p})
+        options["files"] = _listing(heapq.merge(scan.records.sorted_paths(_absolute_folder), others))
     return options
 
 
@@ -133,14 +134,23 @@ def file_listing(paths: Iterable[str]) -> dict[str, Any]:
     """Count, total size and a SHA-256 over (absolute path, size, modification time) of files.
 
     A file that cannot be read counts as absent, so that its appearing changes the listing.
-    The paths are held as Arrow bytes and statted a chunk at a time: at 1M files the listing
-    costs tens of MiB, not a Python string per file.
     """
-    unique = _sorted_unique(paths)
+    return _listing(decoded(_sorted_unique(paths)))
+
+
+def _listing(paths: Iterator[str]) -> dict[str, Any]:
+    """`file_listing` of sorted absolute paths (repeats skipped), statted a chunk at a time.
+
+    At 1M files the listing then costs tens of MiB, not a Python string per file.
+    """
+    first = next(paths, None)
+    paths = itertools.chain([first] if first is not None else [], paths)
     # Object-store paths go in one call, in which `stat_many` lists each folder once.
-    per_call = len(unique) if len(unique) and is_uri(decode(unique[0].as_py())) else CHUNK_ROWS
-    digest, count, total = hashlib.sha256(), 0, 0
-    for chunk in in_chunks(decoded(unique), per_call):
+    per_call = sys.maxsize if first is not None and is_uri(first) else CHUNK_ROWS
+    digest, count, total, last = hashlib.sha256(), 0, 0, None
+    for chunk in in_chunks(paths, per_call):
+        chunk = [p for p, before in zip(chunk, [last] + chunk) if p != before]
+        last = chunk[-1] if chunk else last
         for path, found in zip(chunk, storage.stat_many(chunk)):
             line = f"{path}\t-" if found is None else f"{path}\t{found[0]}\t{found[1]}"
             # The lines joined by newlines, hashed as they come.
@@ -148,6 +158,11 @@ def file_listing(paths: Iterable[str]) -> dict[str, Any]:
             count += 1
             total += found[0] if found is not None else 0
     return {"count": count, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def _absolute_folder(folder: str) -> str:
+    """`absolute` of a folder ending with its separator (or empty: the working directory), keeping the separator."""
+    return absolute(folder + "_")[:-1]  # a file name in it made absolute, less the name
 
 
 def _sorted_unique(paths: Iterable[str]) -> pa.Array:

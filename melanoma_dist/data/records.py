@@ -24,8 +24,9 @@ records = builder.build(source="folder", label_type="dx")
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -127,6 +128,20 @@ class Records(Sequence[SourceRecord]):
             folders, files = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             yield from (self.folders[f] + decode(name) for f, name in zip(folders, files))
 
+    def sorted_paths(self, folder_name: Callable[[str], str] = str) -> Iterator[str]:
+        """The paths in sorted order (repeats kept), each folder renamed by `folder_name` first.
+
+        Sorted a folder at a time (by file name, in Arrow) and merged, so that no full path is
+        held but those being merged: the folders' order is then the strings' own.
+        """
+        order = pc.sort_indices(self.table, sort_keys=[("folder", "ascending"), ("file", "ascending")])
+        folders = pc.take(self.table.column("folder"), order).to_numpy()
+        files = pc.take(self.table.column("file"), order)
+        starts = np.flatnonzero(np.diff(folders, prepend=-1))
+        ends = np.append(starts[1:], len(folders))
+        return heapq.merge(*(_prefixed(folder_name(self.folders[folders[a]]), files.slice(a, b - a))
+                             for a, b in zip(starts, ends)))
+
     def _record(self, row: dict) -> SourceRecord:
         path = self.folders[row["folder"]] + decode(row["file"])
         image_id = decode(row["image_id"])
@@ -134,6 +149,10 @@ class Records(Sequence[SourceRecord]):
                             label_type=self.label_type, source=self.source,
                             group=image_id if row["group"] is None else decode(row["group"]),
                             where=f"{self.label_file} line {row['line']}" if row["line"] else path)
+
+
+def _prefixed(prefix: str, names: pa.ChunkedArray) -> Iterator[str]:
+    return (prefix + name for name in decoded(names))
 
 
 class RecordBuilder:
