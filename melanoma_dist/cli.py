@@ -132,9 +132,6 @@ def cmd_tune(cfg: Config, args: argparse.Namespace) -> int:
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: give the keys to search, e.g. "
                          "--set 'tune.space.train.learning_rate=loguniform(1e-4, 3e-3)' (see configs/tune-cpu.yaml)")
-    if is_uri(cfg.output_dir):
-        raise ValueError(f"output_dir {cfg.output_dir}: tune keeps its searches in a local or shared folder, not in "
-                         f"an object store; set output_dir to a folder (data.dataset_dir may stay a URI)")
     ensure_writable_dir(cfg.output_dir, "output_dir")
     _check_dataset_dir(cfg, makes_folds=True)
     try:

@@ -335,12 +335,61 @@ def test_mirrored_folder_pushes_what_was_written_also_after_an_error(s3, tmp_pat
         assert m.local == tmp_path and m.name_of(tmp_path / "a") == tmp_path / "a"
 
 
-def test_tune_refuses_an_output_dir_in_a_bucket(capsys):
-    from melanoma_dist.cli import main
+@pytest.mark.integration
+def test_tune_with_results_in_the_bucket_resumes_from_it(s3, datasets, tmp_path, capsys):
+    """A search (2 trials, a held-out outer fold) whose every file is in the bucket; restored from it; reported."""
+    ray = pytest.importorskip("ray")
+    import yaml
 
-    assert main(["tune", "--set", "output_dir=s3://derm/tune", "--set",
-                 "tune.space.train.learning_rate=loguniform(1e-4, 3e-3)"]) == 2
-    assert "tune keeps its searches in a local or shared folder" in capsys.readouterr().err
+    from melanoma_dist.cli import main
+    from melanoma_dist.tune.results import read_trials
+    from tests.synthetic import tiny_run
+
+    out = f"{s3}/runs/search"
+    raw = tiny_run(_data("unused", datasets["store"]), out, train={"epochs": 1, "warmup_epochs": 0}, tune={
+        "space": {"train.learning_rate": "grid([0.02, 0.05])"}, "search_algorithm": "grid", "num_samples": 1,
+        "scheduler": "none", "folds_in_parallel": 1, "estimate": "holdout", "outer_k": 3})
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+            mp.setenv(key, "1")
+        # A Ray of its own (the command joins it), whose workers inherit the AWS variables: the trials
+        # write to the bucket themselves.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            assert main(["tune", "--config", str(config)]) == 0
+            assert f"results in {out}/tune " in capsys.readouterr().out
+            rows = read_trials(f"{out}/tune")  # the reader takes the URI
+            assert sorted(float(r["train.learning_rate"]) for r in rows) == [0.02, 0.05]
+            assert all(r["state"] == "finished" and int(r["folds_finished"]) == 2 for r in rows)
+            fold_written = {(r["trial_id"], f): storage.info(f"{out}/tune/trials/{r['trial_id']}/fold-{f}/metrics.json"
+                                                              ).mtime for r in rows for f in (0, 1)}
+            # Restored from the bucket: no trial is run again, no fold retrained.
+            assert main(["tune", "--config", str(config), "--resume"]) == 0
+        finally:
+            ray.shutdown()
+    assert [r["trial_id"] for r in read_trials(f"{out}/tune")] == [r["trial_id"] for r in rows]
+    assert {k: storage.info(f"{out}/tune/trials/{k[0]}/fold-{k[1]}/metrics.json").mtime
+            for k in fold_written} == fold_written
+
+    summary = json.loads(storage.read_bytes(f"{out}/tune/tune_summary.json"))
+    assert summary["num_trials"] == 2 and summary["chosen"]["best_trial"] in {r["trial_id"] for r in rows}
+    assert summary["outer_folds"][0]["outer_score"] is not None  # the chosen config scored on outer fold 0
+    assert {"trials.csv", "trials.md", "best.yaml", "outer-0"} <= {n for n, _ in storage.listdir(f"{out}/tune")}
+    assert {"search.json", "experiment", "dataset"} <= {n for n, _ in storage.listdir(f"{out}/tune/outer-0")}
+    for r in rows:  # each trial is a cross-validation result in the bucket
+        assert {"config.yaml", "params.json", "cv_summary.json", "oof_predictions.csv", "fold-0", "fold-1"} <= {
+            n for n, _ in storage.listdir(f"{out}/tune/trials/{r['trial_id']}")}
+    assert storage.is_file(f"{out}/fold-0/metrics.json") and not storage.is_dir(f"{out}/fold-1")
+    fs, inner = storage.filesystem(out)
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
+    assert [p for p in found if p.endswith("tuner.pkl")]  # Ray Tune's own state, what --resume restored
+    assert not [p for p in found if FAKE_SECRET.encode() in storage.read_bytes(f"s3://{p}")]  # no credential stored
+
+    assert main(["report", out, "--n-boot", "20"]) == 0
+    report = json.loads(storage.read_bytes(f"{out}/report/report.json"))
+    assert len(report["tune"]["trials"]) == 2 and report["tune"]["summary"]["estimate"] == "holdout"
 
 
 def test_source_listing_in_a_bucket_stats_by_folder_and_sees_changes(s3, images, tmp_path):

@@ -37,9 +37,9 @@ FOLD_COLUMNS = ("fold", "num_samples") + SCALAR_METRICS + ("epochs_run", "worker
 
 
 def load_fold_metrics(output_dir: str | Path, fold: int) -> dict | None:
-    """A finished fold's metrics, or None if the fold has not finished."""
-    path = fold_dir(output_dir, fold) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A finished fold's metrics, or None if the fold has not finished; `output_dir` may be a URI."""
+    path = storage.join(str(output_dir), fold_dir("", fold).name, METRICS_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None
 
 
 def _read_predictions(path: Path) -> tuple[list[dict], list[str]]:

@@ -38,8 +38,9 @@ FIGURES_DIR = "figures"
 DEFAULT_REPORT_DIR = "report"
 """Default report folder, inside the result directory."""
 EVALUATION_FILE = "evaluation.json"
-REPORT_PULL_SKIP = ("resume", "*.keras")
-"""What a report never reads of a result in an object store: resume checkpoints and models (fold and exported)."""
+REPORT_PULL_SKIP = ("resume", "*.keras", "shard-*.parquet")
+"""What a report never reads of a result in an object store: resume checkpoints, models (fold and exported)
+and the shards of a `tune` run's outer training parts."""
 
 
 def find_evaluations(result_dir: Path) -> list[dict]:

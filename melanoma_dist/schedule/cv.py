@@ -313,8 +313,9 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     wanted = list(range(cfg.folds.k)) if folds is None else sorted(set(folds))
     fingerprints = fold_fingerprints(cfg, manifest, fold_of_row, wanted)
     # The driver works in a local mirror of an object-store output_dir, pushed on the way out (also after an
-    # error: its files so far are kept, as on a disk); each fold pushes its own folder.
-    with storage.mirrored(cfg.output_dir, pull_skip=("resume",)) as mirror:
+    # error: its files so far are kept, as on a disk); each fold pushes its own folder. Not pulled: checkpoints,
+    # and the searches of a `tune` run (whose outer folds are run here), which the driver never reads.
+    with storage.mirrored(cfg.output_dir, pull_skip=("resume", "tune")) as mirror:
         failures = _run_folds(cfg, mirror, wanted, fingerprints, address)
         summary = aggregate_cv(mirror.local, cfg.folds.k,
                                label_schemes.reported_melanoma_index(cfg.data.label_scheme))

@@ -13,6 +13,11 @@ part and scores it on outer fold `o`, as fold `o` of a `cv` run in `output_dir` 
 
 Resume: a search whose Ray Tune experiment exists is restored (`Tuner.restore`): finished
 trials are kept, unfinished and failed ones start again and keep their finished folds.
+
+`output_dir` may be in an object store (`s3://...`): every node then writes there itself. Ray
+Tune keeps its experiment there (`storage_path` on the store's filesystem, restored from it),
+each trial and fold uploads its own folder (`trial.py`, `cv`), the outer training parts are
+uploaded where every trial reads them, and the driver's few files go through `storage.mirrored`.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from melanoma_dist import storage
 from melanoma_dist.config import Config
+from melanoma_dist.data import shards
 from melanoma_dist.data.folds import ensure_folds
 from melanoma_dist.data.prepare import prepare
+from melanoma_dist.paths import absolute
 from melanoma_dist.report.aggregate import load_fold_metrics
 from melanoma_dist.schedule.cv import FoldFailed, _connect, absolute_paths, run_cv
 from melanoma_dist.tune import results
@@ -44,8 +51,9 @@ SEARCH_FILE = "search.json"
 """What a search directory was made for; another search there is refused rather than mixed in."""
 
 
-def tune_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "tune"
+def tune_dir(cfg: Config) -> str:
+    """`<output_dir>/tune`: an absolute local path, or a URI."""
+    return storage.join(absolute(cfg.output_dir), "tune")
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -86,21 +94,34 @@ def _scheduler(cfg: Config) -> Any:
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def _check_same_search(search_dir: Path, cfg: Config) -> None:
+def _check_same_search(search_dir: str, cfg: Config) -> None:
     """Refuse to restore a search directory made for another search (space, algorithm, base config)."""
     tune = {k: v for k, v in cfg.to_dict()["tune"].items() if k not in ("max_concurrent_trials", "folds_in_parallel")}
     base = trial_dict(cfg, {})
     base.pop("distributed")
     key = hashlib.sha256(json.dumps({"tune": tune, "base": base}, sort_keys=True).encode()).hexdigest()[:16]
-    path = search_dir / SEARCH_FILE
-    if path.is_file() and json.loads(path.read_text()).get("key") != key:
+    path = storage.join(search_dir, SEARCH_FILE)
+    if storage.is_file(path) and json.loads(storage.read_bytes(path)).get("key") != key:
         raise ValueError(f"{search_dir} holds a search of another config or space: use another output_dir, or delete "
                          f"{search_dir} to start that search again")
-    search_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "tune": tune}, indent=2) + "\n")
+    with storage.mirrored(search_dir, pull=False) as search:
+        search.local.mkdir(parents=True, exist_ok=True)
+        (search.local / SEARCH_FILE).write_text(json.dumps({"key": key, "tune": tune}, indent=2) + "\n")
 
 
-def run_search(cfg: Config, search_dir: Path, trials_dir: Path, label: str, resume: bool = False) -> Any:
+def _outer_dataset(cfg: Config, outer_of_row: Any, fold: int, search_dir: str) -> str:
+    """The outer training part of outer fold `fold`, in `<search_dir>/dataset` (written or reused); its path or URI.
+
+    In an object store it is cut in a local copy holding only the stored manifest and folds (is
+    it reusable?) and uploaded, manifest last, where every node's trials read it.
+    """
+    with storage.mirrored(storage.join(search_dir, "dataset"), pull_skip=("shard-*.parquet",),
+                          push_last=(shards.MANIFEST,)) as subset:
+        outer_training_dataset(cfg.data.dataset_dir, outer_of_row, fold, subset.local)
+    return subset.uri
+
+
+def run_search(cfg: Config, search_dir: str, trials_dir: str, label: str, resume: bool = False) -> Any:
     """Run (or restore and finish) one Ray Tune search of `cfg` on its dataset's folds; return the ResultGrid.
 
     Raises:
@@ -118,17 +139,20 @@ def run_search(cfg: Config, search_dir: Path, trials_dir: Path, label: str, resu
     slots = fold_slots(cfg, ray.cluster_resources())
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     trainable = tune.with_resources(
-        tune.with_parameters(CVTrial, base=trial_dict(cfg, {}), trials_dir=str(trials_dir), slots=slots),
+        tune.with_parameters(CVTrial, base=trial_dict(cfg, {}), trials_dir=trials_dir, slots=slots),
         trial_resources(cfg, slots, nodes))
     logger.info("%s: each trial trains %d fold(s) at once (%d worker(s) reserved per trial); %s",
                 label, slots, slots * cfg.distributed.workers_per_fold,
                 f"at most {cfg.tune.max_concurrent_trials} trial(s) at once" if cfg.tune.max_concurrent_trials
                 else "as many trials at once as the cluster holds")
-    path = search_dir / EXPERIMENT
-    if tune.Tuner.can_restore(str(path)):
+    # Ray Tune reads and writes its experiment through the filesystem of `search_dir` (a local one, or the
+    # object store's), on every node: the trials' actors build their own client from the pickled settings.
+    path = storage.join(search_dir, EXPERIMENT)
+    fs, experiment = storage.filesystem(path)  # Ray Tune takes the path inside the filesystem
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         logger.info("%s: restoring the search in %s (finished trials are kept)", label, path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(cfg))
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(cfg), storage_filesystem=fs)
     elif resume:
         raise ValueError(f"--resume: there is no search to resume in {path}; run without --resume to start it")
     else:
@@ -140,7 +164,7 @@ def run_search(cfg: Config, search_dir: Path, trials_dir: Path, label: str, resu
                 scheduler=_scheduler(cfg),
                 reuse_actors=False, trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=str(search_dir), verbose=0,
+                name=EXPERIMENT, storage_path=storage.filesystem(search_dir)[1], storage_filesystem=fs, verbose=0,
                 callbacks=[TrialProgress(metric, label)],
                 # A trial whose actor died starts again; its finished folds are kept (trial.py).
                 failure_config=tune.FailureConfig(max_failures=cfg.distributed.max_retries)))
@@ -170,8 +194,7 @@ def run_tune(cfg: Config, address: str = "", resume: bool = False) -> dict[str, 
     keys = list(t.space)
     prepare(cfg, address)  # the driver is the only writer of the dataset and its folds
     out = tune_dir(cfg)
-    trials_dir = out / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    trials_dir = storage.join(out, "trials")
     outer_folds: list[int | None] = [None] if t.estimate == "none" else (
         list(range(t.outer_k)) if t.estimate == "nested" else [0])
     outer_of_row = None if t.estimate == "none" else ensure_folds(cfg.data.dataset_dir, t.outer_k, cfg.folds.seed)
@@ -181,11 +204,11 @@ def run_tune(cfg: Config, address: str = "", resume: bool = False) -> dict[str, 
     try:
         for o in outer_folds:
             label = "search on all data" if o is None else f"outer fold {o}"
-            search_dir = out / ("all" if o is None else f"outer-{o}")
+            search_dir = storage.join(out, "all" if o is None else f"outer-{o}")
             inner = cfg
             if o is not None:
-                subset = outer_training_dataset(cfg.data.dataset_dir, outer_of_row, o, search_dir / "dataset")
-                inner = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(), dataset_dir=str(subset)))
+                subset = _outer_dataset(cfg, outer_of_row, o, search_dir)
+                inner = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(), dataset_dir=subset))
                 prepare(inner)  # the inner folds, of the outer training part only
             grid = run_search(inner, search_dir, trials_dir, label, resume)
             search_rows = results.trial_rows(grid, "all" if o is None else o, keys)
@@ -210,7 +233,7 @@ def run_tune(cfg: Config, address: str = "", resume: bool = False) -> dict[str, 
     return _write_outputs(cfg, out, rows, outer, keys, metric, outer_folds, time.time() - start)
 
 
-def _write_outputs(cfg: Config, out: Path, rows: list[dict], outer: list[dict], keys: list[str], metric: str,
+def _write_outputs(cfg: Config, out: str, rows: list[dict], outer: list[dict], keys: list[str], metric: str,
                    outer_folds: list, wall_time_s: float) -> dict[str, Any]:
     t = cfg.tune
     line = describe(t.estimate, t.outer_k, outer_folds)
@@ -227,19 +250,21 @@ def _write_outputs(cfg: Config, out: Path, rows: list[dict], outer: list[dict], 
     elif scores:
         line += f"; {metric} " + (f"{summary['estimate_mean']:.4f}" + (f" ± {summary['estimate_sd']:.4f}"
                                                                          if summary["estimate_sd"] else ""))
-    results.write_trials(out, rows, keys, metric, line)
-    best_cfg = results.chosen_config(cfg, chosen["params"], output_dir=str(Path(cfg.output_dir) / "best"))
-    (out / results.BEST_YAML).write_text(best_cfg.to_yaml())
-    results.write_summary(out, summary)
+    best_cfg = results.chosen_config(cfg, chosen["params"], output_dir=storage.join(cfg.output_dir, "best"))
+    with storage.mirrored(out, pull=False) as files:
+        files.local.mkdir(parents=True, exist_ok=True)
+        results.write_trials(files.local, rows, keys, metric, line)
+        (files.local / results.BEST_YAML).write_text(best_cfg.to_yaml())
+        results.write_summary(files.local, summary)
     return summary
 
 
 def format_summary(cfg: Config, summary: dict[str, Any]) -> str:
     """A few lines for the terminal: the estimate, the chosen values, where the files are."""
-    out = tune_dir(cfg).resolve()
-    lines = [(out / results.TRIALS_MD).read_text().rstrip(), "",
+    out = tune_dir(cfg)
+    lines = [storage.read_bytes(storage.join(out, results.TRIALS_MD)).decode().rstrip(), "",
              f"chosen: {summary['chosen']['params']} (trial {summary['chosen']['best_trial']})",
              f"{summary['num_trials']} trial(s) in {summary['wall_time_s']:.0f}s; results in {out} "
              f"(trials.csv, trials.md, best.yaml, tune_summary.json); "
-             f"`tensorboard --logdir {Path(cfg.output_dir).resolve()}` shows every fold and trial"]
+             f"`tensorboard --logdir {absolute(cfg.output_dir)}` shows every fold and trial"]
     return "\n".join(lines)

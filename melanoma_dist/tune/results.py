@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from melanoma_dist import storage
 from melanoma_dist.config import Config, config_from_dict
 from melanoma_dist.tune.space import trial_dict
 
@@ -97,7 +98,7 @@ def write_summary(tune_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def read_trials(tune_dir: Path) -> list[dict[str, str]]:
-    """The rows of `trials.csv` (strings), for the report."""
-    with (Path(tune_dir) / TRIALS_CSV).open(newline="") as f:
+def read_trials(tune_dir: str | Path) -> list[dict[str, str]]:
+    """The rows of `trials.csv` (strings), for the report; `tune_dir` may be a URI."""
+    with storage.open_text(storage.join(str(tune_dir), TRIALS_CSV)) as f:
         return list(csv.DictReader(f))

@@ -7,6 +7,11 @@ normal `cv` output directory, `<output_dir>/tune/trials/<trial_id>/`, so a trial
 starts again (its actor died, the driver was restarted) keeps its finished folds
 (`split_finished`) and resumes the others from their last epoch.
 
+With `output_dir` in an object store, the trial works as `cv`'s driver does: in a local copy
+of its folder (`storage.mirrored`), on whatever node its actor runs. The folds upload their
+own folders; the trial downloads the files it reads of them (metrics, predictions,
+histories: `_sync`) and uploads its own (config, drawn values, the CV files).
+
 The channel from the folds to the trial is the `history.csv` that every fold's rank 0
 already appends after each epoch: `step()` waits until every started fold has written
 epoch `e`, then reports for `training_iteration = e` the mean over those folds of their
@@ -23,6 +28,7 @@ placement group.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -36,13 +42,14 @@ import numpy as np
 from ray import tune
 
 from melanoma_dist import labels as label_schemes
+from melanoma_dist import storage
 from melanoma_dist.config import config_from_dict
 from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.log import setup_logging
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
 from melanoma_dist.run_files import HISTORY_FILE, discard_fold_result, fold_dir
-from melanoma_dist.schedule.cv import fold_fingerprints, run_fold_with_retries, split_finished
+from melanoma_dist.schedule.cv import STORE_PROGRESS_S, fold_fingerprints, run_fold_with_retries, split_finished
 from melanoma_dist.tune.space import metric_name, trial_dict
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,8 @@ _POLL_S = 2.0
 """Seconds between two looks at the folds' histories."""
 PARAMS_FILE = "params.json"
 """The trial's drawn values, in its output directory."""
+PULL_SKIP = ("resume", "tensorboard", "*.keras")
+"""What a trial never reads of its folds' folders in an object store (it reads metrics, predictions, histories)."""
 
 
 def fold_curve(output_dir: str | Path, fold: int, column: str) -> list[float]:
@@ -92,9 +101,11 @@ class CVTrial(tune.Trainable):
         setup_logging()
         self.params = dict(config)
         raw = trial_dict(base, self.params)
-        raw["output_dir"] = str(Path(trials_dir) / self.trial_id)
+        raw["output_dir"] = storage.join(trials_dir, self.trial_id)
         self.cfg = config_from_dict(raw)  # a drawn combination must be a valid config, like any other
-        self.out = Path(self.cfg.output_dir)
+        self.files = contextlib.ExitStack()  # closed by cleanup(): the last upload of an object-store folder
+        self.mirror = self.files.enter_context(storage.mirrored(self.cfg.output_dir, pull_skip=PULL_SKIP))
+        self.out = self.mirror.local
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
         (self.out / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, default=str) + "\n")
@@ -108,6 +119,9 @@ class CVTrial(tune.Trainable):
                                                                              self.folds))
         for f in stale:
             discard_fold_result(self.out, f)
+        self.mirror.push()  # the config, and stale results gone from the store, before any fold starts again
+        self.fold_ended = threading.Event()  # a fold's files are to be downloaded now
+        self.pulled_at = time.monotonic()
         if done:
             logger.info("trial %s: folds %s already finished: not re-running them", self.trial_id, done)
         self.started: set[int] = set(done)
@@ -128,12 +142,28 @@ class CVTrial(tune.Trainable):
                     run_fold_with_retries(self.cfg, fold, stop=self.stop_event, within=pg)
                 except BaseException as e:  # reported by step(), on the trial's thread
                     self.errors[fold] = e
+                finally:
+                    self.fold_ended.set()
 
         # Daemon threads: they only wait on Ray, and must not keep a stopped trial's actor alive.
         self.threads = [threading.Thread(target=run, args=(f,), daemon=True, name=f"fold-{f}")
                         for f in self.folds if f not in done]
         for t in self.threads:
             t.start()
+
+    def _sync(self) -> None:
+        """Download what the folds uploaded to an object-store trial folder (nothing for a local one).
+
+        At once after a fold ended (its metrics and predictions); else at most every
+        `STORE_PROGRESS_S`, for the running folds' histories (each look lists the folder: a billed request).
+        All on the trial's thread: the local copy is never read while it is written.
+        """
+        if not self.mirror.remote or (not self.fold_ended.is_set()
+                                      and time.monotonic() - self.pulled_at < STORE_PROGRESS_S):
+            return
+        self.fold_ended.clear()  # before the download: a fold ending during it is fetched on the next look
+        self.pulled_at = time.monotonic()
+        self.mirror.pull(skip=PULL_SKIP)
 
     def _finished(self) -> list[int]:
         return [f for f in self.folds if load_fold_metrics(self.out, f) is not None]
@@ -142,6 +172,7 @@ class CVTrial(tune.Trainable):
         """Wait for the next epoch of every started fold and report it (the last report: the CV result)."""
         epoch = self.iteration_epoch + 1
         while True:
+            self._sync()
             if self.errors and not self.stop_event.is_set():
                 fold, error = sorted(self.errors.items())[0]
                 raise RuntimeError(f"trial {self.trial_id}: fold {fold} failed: {error}") from error
@@ -175,6 +206,7 @@ class CVTrial(tune.Trainable):
         # aggregate_cv writes the trial's CV files (cv_summary.json, oof_predictions.csv) itself.
         summary = aggregate_cv(self.out, self.cfg.folds.k, label_schemes.reported_melanoma_index(
             self.cfg.data.label_scheme))
+        self.mirror.push()  # in the store before the trial reports its result (cleanup() would be later)
         pooled = summary["pooled_oof"].get(self.metric)
         ms = summary["mean_std"].get(self.metric, {})
         self.iteration_epoch = epoch
@@ -188,6 +220,7 @@ class CVTrial(tune.Trainable):
         self.stop_event.set()
         for t in self.threads:
             t.join(timeout=60)  # `run_horovod_group` looks at the event every second
+        self.files.close()
 
     def reset_config(self, new_config: dict) -> bool:
         return False  # a new trial gets a new actor: fold threads are not reused
