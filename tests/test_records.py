@@ -6,12 +6,14 @@ import os
 import pytest
 
 from melanoma_dist.data.fingerprint import file_listing
-from melanoma_dist.data.records import CHUNK_ROWS, RecordBuilder, SourceRecord, first_repeat, shared_ids
+from melanoma_dist.data.records import CHUNK_ROWS, MERGED_FOLDERS, RecordBuilder, SourceRecord, first_repeat, shared_ids
 
 ADDED = [  # image id, path, raw label, group, line
     ("b", "/data/mel/b.jpg", "mel", "b", 3),
     ("a", "/data/nv/a.jpg", "nv", "lesion_1", 2),
     ("c\udcff", "/data/nv/c\udcff.jpg", "nv", "c\udcff", 4),  # a file name that is not UTF-8
+    ("\udcc0", "/data/nv/\udcc0.jpg", "nv", "\udcc0", 6),  # sorts after "é" as a string, before as raw bytes
+    ("\u00e9", "/data/nv/\u00e9.jpg", "nv", "\u00e9", 7),
     ("d", "d.png", "mel", "d", 0),  # a bare file name: no folder
     ("e", "s3://bucket/ham/images/e.jpg", "nv", "lesion_1", 5),
 ]
@@ -33,6 +35,7 @@ def test_records_give_back_what_was_added_sorted_by_image_id():
     assert [records[i] for i in range(len(records))] == expected and records[-1] == expected[-1]
     assert list(records.paths()) == [r.path for r in expected]
     assert sorted(records.folders) == ["", "/data/mel/", "/data/nv/", "s3://bucket/ham/images/"]
+    assert list(records.sorted_paths()) == sorted(p for _, p, _, _, _ in ADDED)
     with pytest.raises(IndexError):
         records[len(ADDED)]
 
@@ -55,6 +58,8 @@ def test_repeated_and_shared_ids_are_found():
     other = _records([("x", "/o/x.jpg", "nv", "x", 1), ("e", "/o/e.jpg", "nv", "e", 2)])
     assert shared_ids(_records(), [_records([("z", "/z.jpg", "nv", "z", 1)]), other]) == ("e", 1, 1)
     assert shared_ids(_records(), [_records([("x", "/o/x.jpg", "nv", "x", 1)])]) is None
+    one, two = _records([("a", "/1/a.jpg", "nv", "a", 1)]), _records([("b", "/2/b.jpg", "nv", "b", 1)])
+    assert shared_ids(_records(), [two, one]) == ("a", 1, 2)  # every shared id counted, the first one's owner named
 
 
 def test_file_listing_hashes_the_sorted_lines_of_path_size_and_mtime(tmp_path):
@@ -79,3 +84,9 @@ def test_sorted_paths_merges_folders_in_the_strings_order():
     assert list(records.sorted_paths()) == sorted(r[1] for r in rows)
     assert list(records.sorted_paths(lambda f: f or "/cwd/")) == sorted(r[1] if r[1][0] == "/" else "/cwd/" + r[1]
                                                                           for r in rows)
+
+
+def test_sorted_paths_of_many_folders():
+    rows = [(f"i{n}", f"/p/{n % (MERGED_FOLDERS + 7)}/{'x' if n % 2 else 'y'}{n}.jpg", "nv", f"i{n}", 0)
+            for n in range(400)]
+    assert list(_records(rows).sorted_paths()) == sorted(r[1] for r in rows)

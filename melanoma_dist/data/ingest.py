@@ -128,7 +128,7 @@ def ingest(cfg: DataConfig, progress: bool = True, address: str = "") -> dict[st
         mapping = (ray_image_map(prepare, paths, total, address) if on_ray
                    else _image_map(prepare, paths, total, workers))
         with mapping as results:
-            rows = _rows(scans, labels, cfg.label_scheme, results, kept, skipped, progress, start)
+            rows = _rows(scans, labels, total, cfg.label_scheme, results, kept, skipped, progress, start)
             shards = write_shards(rows, tmp, cfg.rows_per_shard, cfg.shard_bytes,
                                   compress_images=cfg.encoding != "raw")
         elapsed = time.perf_counter() - start
@@ -243,12 +243,11 @@ def _image_map(prepare: Callable[[str], PreparedImage | str], paths: Iterable[st
         yield pool.imap(prepare, paths, chunksize=chunksize)
 
 
-def _rows(scans: Sequence[SourceScan], labels: Sequence[np.ndarray], scheme: str,
+def _rows(scans: Sequence[SourceScan], labels: Sequence[np.ndarray], total: int, scheme: str,
           results: Iterable[PreparedImage | str], kept: Counter[tuple[str, int]], skipped: list[SkippedItem],
           progress: bool, start: float) -> Iterator[dict[str, Any]]:
     """Shard rows of the decoded images; counts them in `kept` and appends to `skipped` as it goes."""
     names = class_names(scheme)
-    total = sum(len(scan.records) for scan in scans)
     records = itertools.chain.from_iterable(scan.records for scan in scans)
     classes = itertools.chain.from_iterable(map(int, a) for a in labels)
     for i, (record, label, result) in enumerate(zip(records, classes, results), start=1):

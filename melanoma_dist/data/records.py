@@ -8,8 +8,9 @@ one `SourceRecord` per item on access, so callers iterate it as they would a lis
 path is stored as its folder (an index: a source has a few) and its file name; a group equal
 to the image id is not stored.
 
-Strings are stored as UTF-8 bytes with `surrogateescape`, so that a file name that is not
-valid UTF-8 comes back unchanged; sorting the bytes gives the same order as sorting the strings.
+Strings are stored as UTF-8 bytes with `surrogatepass`: a file name that is not valid UTF-8
+(a str with lone surrogates) comes back unchanged, and sorting the bytes gives the order of
+sorting the strings (`surrogateescape` would store such a byte as itself and sort it apart).
 
 Example:
 
@@ -39,6 +40,9 @@ T = TypeVar("T")
 CHUNK_ROWS = 8192
 """Rows converted to and from Python objects at a time: what the driver holds as objects."""
 
+MERGED_FOLDERS = 64
+"""`Records.sorted_paths` merges at most this many folders' sorted names; more are sorted as whole paths."""
+
 _SCHEMA = pa.schema([
     ("image_id", pa.binary()),
     ("folder", pa.int32()),  # index in `Records.folders`: a path is its folder (a few distinct ones) + its file name
@@ -67,13 +71,13 @@ class SourceRecord:
 
 
 def encode(text: str) -> bytes:
-    """`text` as stored: UTF-8, with file-name bytes that are not UTF-8 kept (surrogateescape)."""
-    return text.encode("utf-8", "surrogateescape")
+    """`text` as stored: UTF-8, lone surrogates (file-name bytes that are not UTF-8) kept in code-point order."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def decode(data: bytes) -> str:
     """The string `encode` stored."""
-    return data.decode("utf-8", "surrogateescape")
+    return data.decode("utf-8", "surrogatepass")
 
 
 def in_chunks(items: Iterable[T], size: int = CHUNK_ROWS) -> Iterator[list[T]]:
@@ -131,9 +135,15 @@ class Records(Sequence[SourceRecord]):
     def sorted_paths(self, folder_name: Callable[[str], str] = str) -> Iterator[str]:
         """The paths in sorted order (repeats kept), each folder renamed by `folder_name` first.
 
-        Sorted a folder at a time (by file name, in Arrow) and merged, so that no full path is
-        held but those being merged: the folders' order is then the strings' own.
+        With a few folders, each folder's names are sorted in Arrow and the folders merged, so
+        that no full path is held but a chunk per folder. With many (small) folders the merge
+        would hold them all: the full paths are then built and sorted in Arrow instead.
         """
+        if len(self.folders) > MERGED_FOLDERS:
+            prefixes = pa.array([encode(folder_name(f)) for f in self.folders], pa.binary())
+            paths = pc.binary_join_element_wise(pc.take(prefixes, self.table.column("folder")),
+                                                self.table.column("file"), b"")
+            return decoded(paths.take(pc.sort_indices(paths)))
         order = pc.sort_indices(self.table, sort_keys=[("folder", "ascending"), ("file", "ascending")])
         folders = pc.take(self.table.column("folder"), order).to_numpy()
         files = pc.take(self.table.column("file"), order)
@@ -200,12 +210,17 @@ def first_repeat(records: Records) -> tuple[int, int] | None:
 
 
 def shared_ids(records: Records, others: Sequence[Records]) -> tuple[str, int, int] | None:
-    """An image id of `records` that a record of `others` has too: (id, index in `others`, how many shared)."""
+    """The first image id of `records` that `others` hold too: (id, index of the first of `others` holding
+    it, how many ids of `records` the others hold), or None."""
+    if not others:
+        return None
     ids = records.table.column("image_id")
-    for i, other in enumerate(others):
-        shared = pc.is_in(ids, value_set=other.table.column("image_id").combine_chunks())
-        count = pc.sum(shared).as_py() or 0
-        if count:
-            first = int(np.flatnonzero(shared.to_numpy(zero_copy_only=False))[0])
-            return decode(ids[first].as_py()), i, count
-    return None
+    known = pa.chunked_array([c for other in others for c in other.table.column("image_id").chunks], pa.binary())
+    shared = pc.is_in(ids, value_set=known.combine_chunks())
+    count = pc.sum(shared).as_py() or 0
+    if not count:
+        return None
+    first = ids[int(np.flatnonzero(shared.to_numpy(zero_copy_only=False))[0])]
+    owner = next(i for i, other in enumerate(others)
+                 if pc.any(pc.equal(other.table.column("image_id"), first)).as_py())
+    return decode(first.as_py()), owner, count

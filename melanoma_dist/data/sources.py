@@ -361,7 +361,8 @@ def _check_unique_ids(records: Records, name: str) -> None:
     pair = first_repeat(records)
     if pair is not None:
         lines = records.table.column("line")
-        first, second = (records[i] for i in sorted(pair, key=lambda i: lines[i].as_py()))  # in file order
+        in_file_order = sorted(pair, key=lambda i: (lines[i].as_py(), records[i].path))
+        first, second = (records[i] for i in in_file_order)
         raise ValueError(f"source {name!r}: image id {first.image_id!r} appears twice ({first.where} "
                          f"and {second.where}); image ids must be unique")
 
@@ -387,7 +388,7 @@ class _ImageFinder:
                 with os.scandir(folder) as it:
                     # Broken links are listed too: decoding them fails with the reason, which is counted.
                     self._listings[folder] = {e.name.lower(): e.name for e in it
-                                              if e.is_file() or is_file_or_broken_link(e.path)}
+                                              if _plain_file(e) or is_file_or_broken_link(e.path)}
             except (FileNotFoundError, NotADirectoryError):
                 self._listings[folder] = {}
         return self._listings[folder]

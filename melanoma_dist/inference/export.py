@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import posixpath
 import shutil
 import time
 import uuid
@@ -138,7 +139,8 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
     """
     inside = _inside(out_dir, result_dir) if out_dir is not None else DEFAULT_EXPORT_DIR
     with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out
-        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=("resume",)))
+        # Not pulled: checkpoints, and a `tune` run's search (trials, models, outer datasets), which export never reads.
+        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=("resume", "tune")))
         # Built beside its target and renamed into place: the mirror is named like out_dir, in a folder of its own.
         # A target inside the result is in the result's mirror already: a mirror of its own would download it twice.
         dest = stack.enter_context(storage.mirrored(out_dir)) if inside is None else run
@@ -153,7 +155,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
 
 def _inside(out_dir: str | Path, result_dir: str | Path) -> str | None:
     """`out_dir` relative to `result_dir` when both are URIs and the first lies inside the other, else None."""
-    out, run = str(out_dir).rstrip("/"), str(result_dir).rstrip("/")
+    out, run = (posixpath.normpath(str(p)).replace(":/", "://", 1) for p in (out_dir, result_dir))
     if is_uri(out) and is_uri(run) and out.startswith(run + "/"):
         return out[len(run) + 1:]
     return None

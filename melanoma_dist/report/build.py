@@ -38,9 +38,10 @@ FIGURES_DIR = "figures"
 DEFAULT_REPORT_DIR = "report"
 """Default report folder, inside the result directory."""
 EVALUATION_FILE = "evaluation.json"
-REPORT_PULL_SKIP = ("resume", "*.keras", "shard-*.parquet")
-"""What a report never reads of a result in an object store: resume checkpoints, models (fold and exported)
-and the shards of a `tune` run's outer training parts."""
+REPORT_PULL_SKIP = ("resume", "*.keras", "shard-*.parquet", "trials", "experiment")
+"""What a report never reads of a result in an object store: resume checkpoints, models (fold and exported),
+and of a `tune` run's search its trials, Ray Tune's experiment and the outer training parts' shards (it
+reads the search's summary and trials table only)."""
 
 
 def find_evaluations(result_dir: Path) -> list[dict]:

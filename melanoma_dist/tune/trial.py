@@ -106,20 +106,14 @@ class CVTrial(tune.Trainable):
         self.files = contextlib.ExitStack()  # closed by cleanup(): the last upload of an object-store folder
         self.mirror = self.files.enter_context(storage.mirrored(self.cfg.output_dir, pull_skip=PULL_SKIP))
         self.out = self.mirror.local
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
-        (self.out / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, default=str) + "\n")
         self.metric = metric_name(self.cfg)
         self.column = f"val_{self.metric}"
         self.folds = list(range(self.cfg.folds.k))
-        # The driver made the dataset and the folds; a trial only reads them.
-        manifest = shards.load_manifest(self.cfg.data.dataset_dir)
-        fold_of_row = fold_io.load_folds(self.cfg.data.dataset_dir, self.cfg.folds.k, self.cfg.folds.seed)
-        done, stale = split_finished(self.out, self.folds, fold_fingerprints(self.cfg, manifest, fold_of_row,
-                                                                             self.folds))
-        for f in stale:
-            discard_fold_result(self.out, f)
-        self.mirror.push()  # the config, and stale results gone from the store, before any fold starts again
+        try:
+            done = self._start_files()
+        except BaseException:  # cleanup() will not run: upload what was written and remove the local copy now
+            self.files.close()
+            raise
         self.fold_ended = threading.Event()  # a fold's files are to be downloaded now
         self.pulled_at = time.monotonic()
         if done:
@@ -150,6 +144,21 @@ class CVTrial(tune.Trainable):
                         for f in self.folds if f not in done]
         for t in self.threads:
             t.start()
+
+    def _start_files(self) -> list[int]:
+        """Write the trial's config and drawn values, drop stale fold results; return the finished folds."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+        (self.out / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, default=str) + "\n")
+        # The driver made the dataset and the folds; a trial only reads them.
+        manifest = shards.load_manifest(self.cfg.data.dataset_dir)
+        fold_of_row = fold_io.load_folds(self.cfg.data.dataset_dir, self.cfg.folds.k, self.cfg.folds.seed)
+        done, stale = split_finished(self.out, self.folds, fold_fingerprints(self.cfg, manifest, fold_of_row,
+                                                                             self.folds))
+        for f in stale:
+            discard_fold_result(self.out, f)
+        self.mirror.push()  # the config, and stale results gone from the store, before any fold starts again
+        return done
 
     def _sync(self) -> None:
         """Download what the folds uploaded to an object-store trial folder (nothing for a local one).
