@@ -9,13 +9,13 @@ with the block order preserved. Everything else (sources, labels, shards, manife
 single-machine code, fed the same results in the same order: the dataset is byte-identical.
 
 Memory stays bounded: Ray Data streams, so the driver holds a few finished blocks at a
-time, not the dataset; the paths themselves are already in the driver's memory, as Arrow
-bytes (`data.records`).
+time, not the dataset. The paths are put in their blocks (Arrow bytes) before the dataset
+starts, about 100 bytes per image, as the source listing already holds them (`data.records`).
 
 Example:
 
 ```python
-with ray_image_map(prepare, iter(paths), len(paths), address="HEAD_IP:6379") as results:
+with ray_image_map(prepare, paths, len(paths), address="HEAD_IP:6379") as results:
     for path, result in zip(paths, results):  # PreparedImage, or the reason it was skipped
         ...
 ```

@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 
 from melanoma_dist.config import SourceConfig
 from melanoma_dist.data.images import is_file_or_broken_link
+from melanoma_dist.data.name_index import Mentions, NameIndex
 from melanoma_dist.data.records import RecordBuilder, Records, decoded, encode, first_repeat, in_chunks
 from melanoma_dist.storage import ObjectPath, as_path, join, listdir, open_text
 
@@ -175,7 +176,7 @@ def _names_and_stems(folder: Path | ObjectPath) -> tuple[pa.ChunkedArray, pa.Chu
     if isinstance(folder, ObjectPath):
         files: Iterator[str] = (f.name for f in folder.iterdir() if _is_candidate(f))
     else:
-        files = _local_files(folder)
+        files = _list_files(folder)
     names: list[pa.Array] = []
     stems: list[pa.Array] = []
     for chunk in in_chunks(files):
@@ -184,11 +185,15 @@ def _names_and_stems(folder: Path | ObjectPath) -> tuple[pa.ChunkedArray, pa.Chu
     return pa.chunked_array(names, pa.binary()), pa.chunked_array(stems, pa.binary())
 
 
-def _local_files(folder: Path) -> Iterator[str]:
-    """Names of the non-hidden files (or broken links) in a local folder; `scandir` needs no stat per file."""
+def _list_files(folder: Path, hidden: bool = False) -> Iterator[str]:
+    """Names of the files (or broken links) in a local folder, hidden ones only if `hidden`.
+
+    `scandir` needs no stat per file. Broken links are listed: decoding them fails with the
+    reason, which is counted.
+    """
     with os.scandir(folder) as it:
         for e in it:
-            if not e.name.startswith(".") and (_plain_file(e) or is_file_or_broken_link(e.path)):
+            if (hidden or not e.name.startswith(".")) and (_plain_file(e) or is_file_or_broken_link(e.path)):
                 yield e.name
 
 
@@ -375,37 +380,38 @@ class _ImageFinder:
     """
 
     def __init__(self) -> None:
-        self._listings: dict[Path | ObjectPath, dict[str, str]] = {}
-        self._mentioned: set[str] = set()
+        # Compact (`data.name_index`): a CSV of 1M rows is matched against folders of 1M files.
+        self._listings: dict[Path | ObjectPath, NameIndex] = {}
+        self._mentioned = Mentions()
 
-    def _names(self, folder: Path | ObjectPath) -> dict[str, str]:
+    def _names(self, folder: Path | ObjectPath) -> NameIndex:
         if folder not in self._listings:
             if isinstance(folder, ObjectPath):  # one listing request per prefix
-                self._listings[folder] = {name.lower(): name for name, is_folder in listdir(str(folder))
-                                          if not is_folder}
+                self._listings[folder] = NameIndex(name for name, is_folder in listdir(str(folder))
+                                                   if not is_folder)
                 return self._listings[folder]
             try:
-                with os.scandir(folder) as it:
-                    # Broken links are listed too: decoding them fails with the reason, which is counted.
-                    self._listings[folder] = {e.name.lower(): e.name for e in it
-                                              if _plain_file(e) or is_file_or_broken_link(e.path)}
+                self._listings[folder] = NameIndex(_list_files(folder, hidden=True))
             except (FileNotFoundError, NotADirectoryError):
-                self._listings[folder] = {}
+                self._listings[folder] = NameIndex([])
         return self._listings[folder]
 
     def mention(self, *names: str) -> None:
         """Note ids or file names that a row of the label file mentions (whether or not the row is kept)."""
-        self._mentioned.update(n.strip().lower() for n in names if n.strip())
+        for name in names:
+            if name.strip():
+                self._mentioned.add(name.strip())
 
     def unmentioned(self, records: Records) -> list[str]:
         """Image files in the folders the records' images are in that no row mentions, by id or file name."""
         out = []
         for folder in sorted({os.path.dirname(f) for f in records.folders}):  # each ends with its "/"
-            for name in self._names(as_path(folder)).values():
-                stem, ext = os.path.splitext(name)
-                if (ext.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
-                        and stem.lower() not in self._mentioned and name.lower() not in self._mentioned):
-                    out.append(join(folder, name))
+            for chunk in in_chunks(self._names(as_path(folder))):
+                images = [n for n in chunk if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+                          and not n.startswith(".")]
+                if images:
+                    named = self._mentioned.contains_any([os.path.splitext(n)[0] for n in images], images)
+                    out += [join(folder, n) for n, hit in zip(images, named) if not hit]
         return out
 
     def find(self, folders: Sequence[Path | ObjectPath], image_id: str,
