@@ -322,7 +322,8 @@ class FolderMirror:
 
     def __init__(self, uri: str, local: Path) -> None:
         self.uri, self.local = uri, local
-        self._sent: dict[str, tuple[int, int]] = {}
+        self._sent: dict[str, tuple[int, int]] = {}  # local (size, mtime) of each file as last uploaded
+        self._pulled: dict[str, tuple[int, int]] = {}  # the object's (size, mtime) when last downloaded
 
     @property
     def remote(self) -> bool:
@@ -338,6 +339,9 @@ class FolderMirror:
 
     def pull(self, under: str = "", skip: tuple[str, ...] = ()) -> None:
         """Copy the object-store folder into `local` (nothing when it does not exist yet, or is local).
+
+        An object already downloaded, and unchanged since (same size and modification time),
+        is not downloaded again: a `tune` trial pulls its folder every 30 s while folds train.
 
         Args:
             under: Copy only this subfolder (`fold-0`). Defaults to `""` (all).
@@ -356,8 +360,12 @@ class FolderMirror:
             rel = posixpath.relpath(found.path, inner)
             if found.type != pafs.FileType.File or _skipped(rel, skip):
                 continue
+            remote = (found.size, found.mtime_ns or 0)
+            if self._pulled.get(rel) == remote and (self.local / rel).is_file():
+                continue
             (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(found.path, str(self.local / rel), source_filesystem=fs, destination_filesystem=_local())
+            self._pulled[rel] = remote
             pulled.append(rel)
         state = self._state()
         self._sent.update((rel, state[rel]) for rel in pulled)  # what came down need not go up again

@@ -335,6 +335,26 @@ def test_mirrored_folder_pushes_what_was_written_also_after_an_error(s3, tmp_pat
         assert m.local == tmp_path and m.name_of(tmp_path / "a") == tmp_path / "a"
 
 
+def test_mirror_pulls_only_objects_changed_since_its_last_pull(s3, tmp_path, monkeypatch):
+    uri = f"{s3}/mirrored/pulls"
+    for name in ("history.csv", "metrics.json"):
+        storage.write_bytes(f"{uri}/fold-0/{name}", b"epoch 1")
+    copied = []
+    copy_files = storage.pafs.copy_files
+    monkeypatch.setattr(storage.pafs, "copy_files",
+                        lambda src, dst, **kw: (copied.append(dst), copy_files(src, dst, **kw)))
+    mirror = storage.FolderMirror(uri, tmp_path / "pulls")
+    mirror.pull()
+    assert len(copied) == 2
+    mirror.pull()
+    assert len(copied) == 2  # nothing changed: nothing downloaded
+    storage.write_bytes(f"{uri}/fold-0/history.csv", b"epoch 1\nepoch 2")
+    (mirror.local / "fold-0" / "metrics.json").unlink()
+    mirror.pull()
+    assert sorted(Path(p).name for p in copied[2:]) == ["history.csv", "metrics.json"]  # changed there, gone here
+    assert (mirror.local / "fold-0" / "history.csv").read_bytes() == b"epoch 1\nepoch 2"
+
+
 @pytest.mark.integration
 def test_tune_with_results_in_the_bucket_resumes_from_it(s3, datasets, tmp_path, capsys):
     """A search (2 trials, a held-out outer fold) whose every file is in the bucket; restored from it; reported."""
