@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from melanoma_dist import storage
 from melanoma_dist.config import DataConfig, SourceConfig
-from melanoma_dist.data.records import CHUNK_ROWS, decoded, encode, in_chunks
+from melanoma_dist.data.records import CHUNK_ROWS, decoded, encode, in_chunks, sort
 from melanoma_dist.data.sources import SourceScan, scan_source
 from melanoma_dist.paths import absolute, is_uri
 
@@ -168,8 +168,7 @@ def _absolute_folder(folder: str) -> str:
 def _sorted_unique(paths: Iterable[str]) -> pa.Array:
     """The distinct absolute paths, sorted (`data.records.encode`d: byte order is the strings' order)."""
     chunks = [pa.array([encode(absolute(p)) for p in chunk], pa.binary()) for chunk in in_chunks(paths)]
-    unique = pc.unique(pa.chunked_array(chunks, pa.binary()))
-    return unique.take(pc.sort_indices(unique))
+    return sort(pc.unique(pa.chunked_array(chunks, pa.binary())))
 
 
 def _differ(what: str, old: Any, new: Any) -> str:

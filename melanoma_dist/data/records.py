@@ -80,6 +80,11 @@ def decode(data: bytes) -> str:
     return data.decode("utf-8", "surrogatepass")
 
 
+def sort(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Stored strings in sorted order (`encode`: the order of the strings)."""
+    return values.take(pc.sort_indices(values))
+
+
 def in_chunks(items: Iterable[T], size: int = CHUNK_ROWS) -> Iterator[list[T]]:
     """`items` in lists of `size` (the last one shorter)."""
     it = iter(items)
@@ -143,7 +148,7 @@ class Records(Sequence[SourceRecord]):
             prefixes = pa.array([encode(folder_name(f)) for f in self.folders], pa.binary())
             paths = pc.binary_join_element_wise(pc.take(prefixes, self.table.column("folder")),
                                                 self.table.column("file"), b"")
-            return decoded(paths.take(pc.sort_indices(paths)))
+            return decoded(sort(paths))
         order = pc.sort_indices(self.table, sort_keys=[("folder", "ascending"), ("file", "ascending")])
         folders = pc.take(self.table.column("folder"), order).to_numpy()
         files = pc.take(self.table.column("file"), order)

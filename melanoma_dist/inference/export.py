@@ -42,6 +42,7 @@ from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY
 from melanoma_dist.report.evidence import summarize
 from melanoma_dist.report.model_card import render_model_card
 from melanoma_dist.report.result import CONFIG_FILE, RUN_MANIFEST, CVResult, ResultError
+from melanoma_dist.run_files import CHECKPOINT_DIR, SEARCH_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def export_model(result_dir: str | Path, out_dir: str | Path | None = None,
     inside = _inside(out_dir, result_dir) if out_dir is not None else DEFAULT_EXPORT_DIR
     with contextlib.ExitStack() as stack:  # what was written is uploaded on the way out
         # Not pulled: checkpoints, and a `tune` run's search (trials, models, outer datasets), which export never reads.
-        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=("resume", "tune")))
+        run = stack.enter_context(storage.mirrored(result_dir, pull_skip=(CHECKPOINT_DIR, SEARCH_DIR)))
         # Built beside its target and renamed into place: the mirror is named like out_dir, in a folder of its own.
         # A target inside the result is in the result's mirror already: a mirror of its own would download it twice.
         dest = stack.enter_context(storage.mirrored(out_dir)) if inside is None else run

@@ -26,7 +26,7 @@ import numpy as np
 
 from melanoma_dist import storage
 from melanoma_dist.metrics import classification_metrics
-from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.run_files import METRICS_FILE, PREDICTIONS_FILE, fold_dir, fold_name
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ FOLD_COLUMNS = ("fold", "num_samples") + SCALAR_METRICS + ("epochs_run", "worker
 
 def load_fold_metrics(output_dir: str | Path, fold: int) -> dict | None:
     """A finished fold's metrics, or None if the fold has not finished; `output_dir` may be a URI."""
-    path = storage.join(str(output_dir), fold_dir("", fold).name, METRICS_FILE)
+    path = storage.join(str(output_dir), fold_name(fold), METRICS_FILE)
     return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None
 
 

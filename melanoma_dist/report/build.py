@@ -30,6 +30,7 @@ from melanoma_dist.report.calibration import DEFAULT_TARGET_SENSITIVITY, apply_t
 from melanoma_dist.report.evidence import summarize
 from melanoma_dist.report.html import render_report
 from melanoma_dist.report.model_card import render_model_card
+from melanoma_dist.run_files import CHECKPOINT_DIR, SEARCH_DIR
 from melanoma_dist.report.result import CVResult
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ FIGURES_DIR = "figures"
 DEFAULT_REPORT_DIR = "report"
 """Default report folder, inside the result directory."""
 EVALUATION_FILE = "evaluation.json"
-REPORT_PULL_SKIP = ("resume", "*.keras", "shard-*.parquet", "trials", "experiment")
+REPORT_PULL_SKIP = (CHECKPOINT_DIR, "*.keras", "shard-*.parquet", "trials", "experiment")
 """What a report never reads of a result in an object store: resume checkpoints, models (fold and exported),
 and of a `tune` run's search its trials, Ray Tune's experiment and the outer training parts' shards (it
 reads the search's summary and trials table only)."""
@@ -59,7 +60,7 @@ def tune_evidence(result_dir: Path) -> dict | None:
     """The search of a `melanoma-dist tune` run in `<result_dir>/tune/` (summary, trials), or None."""
     from melanoma_dist.tune.results import SUMMARY_JSON, read_trials
 
-    tune_dir = Path(result_dir) / "tune"
+    tune_dir = Path(result_dir) / SEARCH_DIR
     if not (tune_dir / SUMMARY_JSON).is_file():
         return None
     summary = json.loads((tune_dir / SUMMARY_JSON).read_text())

@@ -40,7 +40,8 @@ from melanoma_dist.log import setup_logging
 from melanoma_dist.metrics import format_metric
 from melanoma_dist.paths import absolute, is_uri
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
-from melanoma_dist.run_files import METRICS_FILE, discard_fold_result, fold_dir
+from melanoma_dist.run_files import (CHECKPOINT_DIR, METRICS_FILE, SEARCH_DIR, discard_fold_result, fold_dir,
+                                     fold_name)
 from melanoma_dist.schedule.horovod_group import (GroupCancelled, GroupHung, GroupSpec, PlacementTimeout,
                                                    run_horovod_group)
 
@@ -273,7 +274,7 @@ def run_fold_with_retries(cfg: Config, fold: int, worker: Callable[[dict, int, i
     """
     worker = worker or _fold_worker
     attempts = cfg.distributed.max_retries + 1
-    out = storage.join(cfg.output_dir, fold_dir("", fold).name)  # a path or a URI: what `last_write` watches
+    out = storage.join(cfg.output_dir, fold_name(fold))  # a path or a URI: what `last_write` watches
     progress = _at_most_every(STORE_PROGRESS_S, lambda: last_write(out)) if is_uri(out) else lambda: last_write(out)
     for attempt in range(1, attempts + 1):
         spec = fold_spec(cfg, fold, attempt)
@@ -315,7 +316,7 @@ def run_cv(cfg: Config, folds: Sequence[int] | None = None, address: str = "") -
     # The driver works in a local mirror of an object-store output_dir, pushed on the way out (also after an
     # error: its files so far are kept, as on a disk); each fold pushes its own folder. Not pulled: checkpoints,
     # and the searches of a `tune` run (whose outer folds are run here), which the driver never reads.
-    with storage.mirrored(cfg.output_dir, pull_skip=("resume", "tune")) as mirror:
+    with storage.mirrored(cfg.output_dir, pull_skip=(CHECKPOINT_DIR, SEARCH_DIR)) as mirror:
         failures = _run_folds(cfg, mirror, wanted, fingerprints, address)
         summary = aggregate_cv(mirror.local, cfg.folds.k,
                                label_schemes.reported_melanoma_index(cfg.data.label_scheme))
@@ -352,7 +353,7 @@ def _run_folds(cfg: Config, mirror: storage.FolderMirror, wanted: list[int],
     def one(fold: int) -> None:
         try:
             m = run_fold_with_retries(cfg, fold, stop=stop)
-            mirror.pull(fold_dir("", fold).name, skip=("resume",))  # its results, for the count and aggregation
+            mirror.pull(fold_name(fold), skip=(CHECKPOINT_DIR,))  # its results, for the count and aggregation
             logger.info("fold %d finished on node %s: balanced accuracy %s, ROC-AUC %s (%d of %d folds done)",
                         fold, str(m.get("node_id", "?"))[:8], format_metric(m["balanced_accuracy"]),
                         format_metric(m["roc_auc"]),

@@ -43,7 +43,8 @@ from melanoma_dist.data.pipeline import RowIndex, make_dataset, split_rows, step
 from melanoma_dist import distributed as hk
 from melanoma_dist.metrics import classification_metrics, format_metric
 from melanoma_dist.paths import is_uri
-from melanoma_dist.run_files import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, fold_dir
+from melanoma_dist.run_files import (CHECKPOINT_DIR, HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE,
+                                     fold_dir, fold_name)
 from melanoma_dist.model.build import build_model, set_backbone_trainable
 from melanoma_dist.model.training_model import training_model
 from melanoma_dist.train import checkpoint as ckpt
@@ -216,7 +217,7 @@ def _train_phases(cfg: Config, fold: int, ctx: hk.WorkerContext, model: keras.Mo
     `out` is the fold's folder; `mirror` (an object-store output_dir) is pushed after each epoch,
     once its checkpoint is written.
     """
-    resume_dir = out / "resume"
+    resume_dir = out / CHECKPOINT_DIR
     num_classes = len(data.class_names)
     monitor, mode = monitored_metric(cfg.train.monitor, num_classes)
     initial_epoch, first_phase = (resume.epoch, resume.phase) if resume else (0, 0)
@@ -301,7 +302,7 @@ def train_fold(cfg: Config, fold: int, extra: dict | None = None) -> dict | None
         return _train_fold(cfg, fold, extra)
     # The config keeps the URI: it is part of the checkpoint's key (`checkpoint.resume_key`). Horovod: rank 0
     # alone pulls (in `_train_fold`) and writes; the other ranks' folders stay empty, so their push sends nothing.
-    with storage.mirrored(storage.join(cfg.output_dir, fold_dir("", fold).name), pull=False,
+    with storage.mirrored(storage.join(cfg.output_dir, fold_name(fold)), pull=False,
                           push_last=(METRICS_FILE,)) as mirror:
         return _train_fold(cfg, fold, extra, mirror)
 
@@ -330,7 +331,7 @@ def _train_fold(cfg: Config, fold: int, extra: dict | None = None,
                         dropout_seed=ctx.rank_seed(cfg.train.seed))
 
     # Horovod: rank 0 alone reads the checkpoint and decides; every rank resumes at its epoch.
-    resume = ckpt.resume_fold(cfg, fold, data.fingerprint, out / "resume", ctx.is_chief)
+    resume = ckpt.resume_fold(cfg, fold, data.fingerprint, out / CHECKPOINT_DIR, ctx.is_chief)
     # Augmentation as the first block (pipeline.augment_on: model) and/or the XLA step (train.jit_compile):
     # fit trains `trainer`, which shares `model`'s weights; `model` alone is scored and saved.
     # Horovod: augmentation seeded per rank, as the pipeline's.
@@ -352,7 +353,7 @@ def _train_fold(cfg: Config, fold: int, extra: dict | None = None,
     metrics.update(extra or {})
     metrics.update(fold=fold, data_fingerprint=data.fingerprint, resumed_from_epoch=resume.epoch if resume else 0,
                    workers=ctx.size, host=socket.gethostname(),
-                   epochs_run=int(ckpt.load_state(out / "resume")["epoch"]),
+                   epochs_run=int(ckpt.load_state(out / CHECKPOINT_DIR)["epoch"]),
                    best_epoch=early_stopping.best_epoch + 1, wall_time_s=round(time.time() - start, 1))
     _write_results(out, data, model, rows, probs, metrics)
     logger.info("fold %d done in %.0fs: accuracy %.3f, balanced accuracy %s, ROC-AUC %s", fold,

@@ -37,6 +37,7 @@ from melanoma_dist.data import shards
 from melanoma_dist.data.folds import ensure_folds
 from melanoma_dist.data.prepare import prepare
 from melanoma_dist.paths import absolute
+from melanoma_dist.run_files import SEARCH_DIR
 from melanoma_dist.report.aggregate import load_fold_metrics
 from melanoma_dist.schedule.cv import FoldFailed, _connect, absolute_paths, run_cv
 from melanoma_dist.tune import results
@@ -53,7 +54,7 @@ SEARCH_FILE = "search.json"
 
 def tune_dir(cfg: Config) -> str:
     """`<output_dir>/tune`: an absolute local path, or a URI."""
-    return storage.join(absolute(cfg.output_dir), "tune")
+    return storage.join(absolute(cfg.output_dir), SEARCH_DIR)
 
 
 def param_space(cfg: Config) -> dict[str, Any]:

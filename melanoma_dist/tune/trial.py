@@ -48,7 +48,7 @@ from melanoma_dist.data import folds as fold_io
 from melanoma_dist.data import shards
 from melanoma_dist.log import setup_logging
 from melanoma_dist.report.aggregate import aggregate_cv, load_fold_metrics
-from melanoma_dist.run_files import HISTORY_FILE, discard_fold_result, fold_dir
+from melanoma_dist.run_files import CHECKPOINT_DIR, HISTORY_FILE, discard_fold_result, fold_dir
 from melanoma_dist.schedule.cv import STORE_PROGRESS_S, fold_fingerprints, run_fold_with_retries, split_finished
 from melanoma_dist.tune.space import metric_name, trial_dict
 
@@ -58,7 +58,7 @@ _POLL_S = 2.0
 """Seconds between two looks at the folds' histories."""
 PARAMS_FILE = "params.json"
 """The trial's drawn values, in its output directory."""
-PULL_SKIP = ("resume", "tensorboard", "*.keras")
+PULL_SKIP = (CHECKPOINT_DIR, "tensorboard", "*.keras")
 """What a trial never reads of its folds' folders in an object store (it reads metrics, predictions, histories)."""
 
 
